@@ -1,0 +1,101 @@
+"""Numerically safe building blocks shared by every loss.
+
+Conventions (DESIGN.md): compute in float32 even when inputs are bfloat16, use `xlogy` for
+p log p, never divide by a bare norm, exclude masked entries with `where` (never by relying on
+0 * inf), and normalise by max(count, 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Matches torch.nn.functional.normalize's default eps, which the reference implementations use.
+NORM_EPS = 1e-12
+
+
+def to_float32(x):
+  """Promotes half-precision floats (bfloat16, float16) to float32; leaves wider types alone."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+    return x.astype(jnp.float32)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(jnp.float32)
+  return x
+
+
+def safe_norm(x, axis=-1, keepdims=False, eps: float = NORM_EPS):
+  """max(||x||_2, eps) with a finite (zero) gradient at x = 0."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+  return jnp.sqrt(jnp.maximum(sq, eps * eps))
+
+
+def l2_normalize(x, axis=-1, eps: float = NORM_EPS):
+  """x / max(||x||_2, eps), as `torch.nn.functional.normalize` (zero rows stay zero)."""
+  return x / safe_norm(x, axis=axis, keepdims=True, eps=eps)
+
+
+def safe_sqrt(x, eps: float = NORM_EPS):
+  """sqrt(max(x, eps^2)): a square root whose gradient stays finite at 0."""
+  return jnp.sqrt(jnp.maximum(x, eps * eps))
+
+
+def pairwise_sq_distances(x, y=None):
+  """Squared Euclidean distances ||x_i - y_j||^2 for rows of [n, d] and [m, d], clipped at 0."""
+  y = x if y is None else y
+  x2 = jnp.sum(jnp.square(x), axis=-1)[:, None]
+  y2 = jnp.sum(jnp.square(y), axis=-1)[None, :]
+  xy = jnp.matmul(x, y.T, preferred_element_type=jnp.float32)
+  return jnp.maximum(x2 + y2 - 2.0 * xy, 0.0)
+
+
+def masked_log_softmax(logits, mask=None, axis: int = -1):
+  """log softmax over the entries where `mask` is True; masked entries return exactly 0.
+
+  A row with no True entry returns all zeros with zero gradient (no NaN).
+  """
+  if mask is None:
+    return jax.nn.log_softmax(logits, axis=axis)
+  mask = jnp.broadcast_to(mask, logits.shape)
+  # Give all-false rows a harmless normaliser so that no inf or NaN appears anywhere.
+  safe_mask = mask | ~jnp.any(mask, axis=axis, keepdims=True)
+  safe_logits = jnp.where(safe_mask, logits, 0.0)
+  lse = jax.nn.logsumexp(safe_logits, axis=axis, where=safe_mask, keepdims=True)
+  return jnp.where(mask, safe_logits - lse, 0.0)
+
+
+def kl_from_logits(teacher_logits, student_logits, *, axis: int = -1, mask=None):
+  """KL(softmax(t) || softmax(s)) per row, both softmaxes restricted to `mask` (if given).
+
+  Entries outside the mask contribute exactly 0. Computed in the inputs' dtype; promote first.
+  """
+  log_pt = masked_log_softmax(teacher_logits, mask, axis)
+  log_ps = masked_log_softmax(student_logits, mask, axis)
+  pt = jnp.exp(log_pt)
+  terms = pt * (log_pt - log_ps)
+  if mask is not None:
+    terms = jnp.where(jnp.broadcast_to(mask, terms.shape), terms, 0.0)
+  return jnp.sum(terms, axis=axis)
+
+
+def kl_from_probs(teacher_probs, student_logits, *, axis: int = -1, mask=None):
+  """KL(p || softmax(s)) per row for a given distribution p (zeros allowed, via `xlogy`)."""
+  log_ps = masked_log_softmax(student_logits, mask, axis)
+  terms = jax.scipy.special.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_ps
+  if mask is not None:
+    terms = jnp.where(jnp.broadcast_to(mask, terms.shape), terms, 0.0)
+  return jnp.sum(terms, axis=axis)
+
+
+def apply_where(values, where):
+  """Zeros the entries of a per-example loss where `where` is False (None: unchanged)."""
+  if where is None:
+    return values
+  return jnp.where(where, values, jnp.zeros_like(values))
+
+
+def masked_count(where, n: int):
+  """max(number of True entries, 1) as float32; n when `where` is None."""
+  if where is None:
+    return jnp.asarray(max(n, 1), jnp.float32)
+  return jnp.maximum(jnp.sum(where.astype(jnp.float32)), 1.0)
