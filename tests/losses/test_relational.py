@@ -1,0 +1,189 @@
+"""SP, RKD, PKT and CC against numpy float64 re-statements of RepDistiller's formulas.
+
+The `_np_*` functions restate HobbitLong/RepDistiller `distiller_zoo/{SP,RKD,PKT,CC}.py` in numpy
+float64 on NCHW / [b, d] inputs; the JAX losses see the same data as NHWC.
+"""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+
+from kd_jax import losses
+from kd_jax.losses import _relational as rel
+
+
+def _nhwc(x_nchw):
+  return jnp.asarray(np.transpose(x_nchw, (0, 2, 3, 1)), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy float64 references (RepDistiller, NCHW)
+
+
+def _np_normalize_rows(m, eps=1e-12):
+  return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), eps)
+
+
+def _np_sp(f_s, f_t):
+  b = f_s.shape[0]
+  q_s, q_t = f_s.reshape(b, -1), f_t.reshape(b, -1)
+  g_s = _np_normalize_rows(q_s @ q_s.T)
+  g_t = _np_normalize_rows(q_t @ q_t.T)
+  return ((g_t - g_s) ** 2).sum() / (b * b)
+
+
+# ---------------------------------------------------------------------------------------------
+# SP
+
+
+def test_public_names_are_exported():
+  for name in rel.__all__:
+    assert getattr(losses, name) is getattr(rel, name)
+
+
+def test_gram_hand_case():
+  # Q = [[1, 0], [1, 1]]: QQ^T = [[1, 1], [1, 2]]; rows / [sqrt 2, sqrt 5].
+  q = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+  want = [[1 / np.sqrt(2), 1 / np.sqrt(2)], [1 / np.sqrt(5), 2 / np.sqrt(5)]]
+  np.testing.assert_allclose(losses.gram(q), want, rtol=1e-6)
+
+
+def test_sp_hand_case():
+  # Student Q = [[1, 0], [0, 1]] -> G_S = I. Teacher Q = [[1, 0], [1, 1]] -> G_T as above.
+  s = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  t = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+  a, c = 1 / np.sqrt(2), 1 / np.sqrt(5)
+  want = ((a - 1) ** 2 + a**2 + c**2 + (2 * c - 1) ** 2) / 4
+  np.testing.assert_allclose(losses.sp(s, t), want, rtol=1e-6)
+
+
+def test_sp_matches_repdistiller_with_different_channels_and_sizes():
+  rng = np.random.default_rng(0)
+  f_s = rng.normal(size=(6, 3, 4, 4))  # NCHW, as the reference
+  f_t = rng.normal(size=(6, 5, 2, 2))
+  got = losses.sp(_nhwc(f_s), _nhwc(f_t))
+  np.testing.assert_allclose(got, _np_sp(f_s, f_t), rtol=1e-5)
+  # NHWC vs NCHW only permutes the flattened columns: the Gram matrix is the same.
+  np.testing.assert_allclose(losses.gram(_nhwc(f_t)), _np_normalize_rows(
+      f_t.reshape(6, -1) @ f_t.reshape(6, -1).T), rtol=1e-5, atol=1e-7)
+
+
+def test_sp_layer_lists_sum_pairs():
+  rng = np.random.default_rng(1)
+  s1, t1 = rng.normal(size=(4, 2, 3, 3)), rng.normal(size=(4, 4, 3, 3))
+  s2, t2 = rng.normal(size=(4, 7)), rng.normal(size=(4, 9))
+  got = losses.sp([_nhwc(s1), jnp.asarray(s2, jnp.float32)],
+                  (_nhwc(t1), jnp.asarray(t2, jnp.float32)))
+  np.testing.assert_allclose(got, _np_sp(s1, t1) + _np_sp(s2, t2), rtol=1e-5)
+
+
+def test_sp_mask_equals_loss_on_valid_rows():
+  rng = np.random.default_rng(2)
+  s, t = rng.normal(size=(5, 6)), rng.normal(size=(5, 8))
+  where = np.array([True, False, True, True, False])
+  got = losses.sp(jnp.asarray(s), jnp.asarray(t), where=jnp.asarray(where))
+  np.testing.assert_allclose(got, _np_sp(s[where], t[where]), rtol=1e-5)
+  # Garbage (even inf) in a masked row changes nothing.
+  s_bad = s.copy()
+  s_bad[1] = np.inf
+  got_bad = losses.sp(jnp.asarray(s_bad), jnp.asarray(t), where=jnp.asarray(where))
+  np.testing.assert_allclose(got_bad, got, rtol=1e-6)
+
+
+def test_sp_all_false_mask_is_zero_with_zero_gradient():
+  s, t = jnp.ones((3, 4)), jnp.arange(12.0).reshape(3, 4)
+  where = jnp.zeros((3,), bool)
+  assert float(losses.sp(s, t, where=where)) == 0.0
+  g = jax.grad(lambda s: losses.sp(s, t, where=where))(s)
+  assert np.all(g == 0)
+
+
+def test_sp_zero_rows_and_large_inputs_are_finite():
+  rng = np.random.default_rng(3)
+  s = rng.normal(size=(4, 2, 2, 3)) * 1e4
+  s[0] = 0.0
+  t = rng.normal(size=(4, 2, 2, 5)) * 1e4
+  t[2] = 0.0
+  s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+  val, g = jax.value_and_grad(losses.sp)(s, t)
+  assert np.isfinite(val) and np.all(np.isfinite(g))
+  g0 = jax.grad(losses.sp)(jnp.zeros((4, 3)), jnp.zeros((4, 3)))
+  assert np.all(np.isfinite(g0))
+
+
+def test_sp_bfloat16_computes_in_float32():
+  rng = np.random.default_rng(4)
+  s = jnp.asarray(rng.normal(size=(4, 3, 3, 8)), jnp.bfloat16)
+  t = jnp.asarray(rng.normal(size=(4, 3, 3, 8)), jnp.bfloat16)
+  got = losses.sp(s, t)
+  assert got.dtype == jnp.float32
+  assert losses.gram(s).dtype == jnp.float32
+  want = _np_sp(np.asarray(s.astype(jnp.float32), np.float64),
+                np.asarray(t.astype(jnp.float32), np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_sp_teacher_gets_no_gradient_and_student_gradient_checks():
+  rng = np.random.default_rng(5)
+  s = jnp.asarray(rng.normal(size=(3, 4)), jnp.float64 if jax.config.x64_enabled
+                  else jnp.float32)
+  t = jnp.asarray(rng.normal(size=(3, 5)), s.dtype)
+  assert np.all(jax.grad(losses.sp, argnums=1)(s, t) == 0)
+  check_grads(lambda s: losses.sp(s, t), (s,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+def test_sp_jit_and_vmap():
+  rng = np.random.default_rng(6)
+  s = rng.normal(size=(2, 4, 3)).astype(np.float32)
+  t = rng.normal(size=(2, 4, 5)).astype(np.float32)
+  where = jnp.array([True, True, False, True])
+  batched = jax.jit(jax.vmap(lambda s, t: losses.sp(s, t, where=where)))(s, t)
+  w = np.asarray(where)
+  want = [_np_sp(s[i][w], t[i][w]) for i in range(2)]
+  np.testing.assert_allclose(batched, want, rtol=1e-5)
+
+
+def test_sp_shape_errors_name_both_shapes():
+  with pytest.raises(ValueError, match=r"\(4, 3\).*\(5, 3\)"):
+    losses.sp(jnp.ones((4, 3)), jnp.ones((5, 3)))
+  with pytest.raises(ValueError, match="same number of layers"):
+    losses.sp([jnp.ones((4, 3))], [jnp.ones((4, 3)), jnp.ones((4, 3))])
+  with pytest.raises(ValueError, match="where"):
+    losses.sp(jnp.ones((4, 3)), jnp.ones((4, 3)), where=jnp.ones((3,), bool))
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(
+    scale_s=st.floats(1e-2, 1e2), scale_t=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16), perm_seed=st.integers(0, 2**16))
+def test_sp_invariances(scale_s, scale_t, seed, perm_seed):
+  """SP is invariant to a global rescaling of either side, to a rotation of either side's feature
+  space, and to a permutation of the batch applied to both sides.
+
+  It is NOT invariant to rescaling one sample (that scales row i of QQ^T unevenly: G_ii by a^2,
+  G_ij by a), see `test_sp_is_not_invariant_to_one_sample_scale`.
+  """
+  rng = np.random.default_rng(seed)
+  s, t = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
+  rot, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  perm = np.random.default_rng(perm_seed).permutation(5)
+  base = float(losses.sp(jnp.asarray(s), jnp.asarray(t)))
+  scaled = losses.sp(jnp.asarray(s * scale_s), jnp.asarray(t * scale_t))
+  rotated = losses.sp(jnp.asarray(s @ rot), jnp.asarray(t))
+  permuted = losses.sp(jnp.asarray(s[perm]), jnp.asarray(t[perm]))
+  for v in (scaled, rotated, permuted):
+    np.testing.assert_allclose(v, base, rtol=1e-4, atol=1e-7)
+
+
+def test_sp_is_not_invariant_to_one_sample_scale():
+  q = np.array([[1.0, 0.0], [1.0, 1.0]])
+  q2 = q.copy()
+  q2[0] *= 2.0
+  # Row 0 of QQ^T goes from (1, 1) to (4, 2): a different direction.
+  assert not np.allclose(losses.gram(jnp.asarray(q2))[0], losses.gram(jnp.asarray(q))[0])
+  np.testing.assert_allclose(losses.gram(jnp.asarray(q2))[0], [2 / np.sqrt(5), 1 / np.sqrt(5)],
+                             rtol=1e-6)
