@@ -1,0 +1,31 @@
+"""Flax NNX classifiers that return logits and named features, so feature losses need no hooks.
+
+Build a model by name: `create(name, *, num_classes, rngs=None, **options)`; `available()` lists
+the names (RepDistiller's `model_dict` names for the CIFAR zoo plus `cnn_digits`/`mlp_digits`).
+Parameter counts equal RepDistiller's PyTorch models (tests/models/test_param_counts.py).
+
+Call: `logits, features = model(x, train=...)` with x NHWC float ([B, 32, 32, 3] for CIFAR,
+[B, 8, 8, 1] for digits). train=True: batch norm normalises with batch statistics and updates its
+running averages, dropout is active; train=False: running averages, no dropout. Logits are
+float32; features are in the compute dtype (option `dtype`, default float32).
+
+`features` (RepDistiller's `feat` list from `model(x, is_feat=True, preact=...)`, named):
+  "stem"            feat[0]: output of the first conv block (after its ReLU; WRN: raw conv1).
+  "stage1".."stageN" feat[1..N]: each stage's output before pooling (N = 3 for resnet*,
+                    wrn_*, ShuffleV1/V2, cnn_digits: 2, mlp_digits: 1; N = 4 for vgg*,
+                    MobileNetV2, ResNet50).
+  "preact_stageK"   the `preact=True` feature where the reference has one: the stage's last
+                    block output before its final ReLU (resnets, ShuffleNets, vgg, digits); for
+                    WRN the next BN applied to stageK (block2/3's first bn1, the final bn1) —
+                    taken from the forward pass itself, so running stats update once. MobileNetV2
+                    has none (its stage outputs are already linear).
+  "pre_pool"        exactly RepDistiller's feat[-2], the map SP uses: the last stage output
+                    (WRN: block3's raw output before the final BN+ReLU; MobileNetV2: blocks[6]
+                    output, before conv2).
+  "embedding"       feat[-1]: the pooled penultimate vector the classifier reads, [B, D].
+"""
+
+from kd_jax.models._registry import available, create
+from kd_jax.models import digits  # noqa: F401  (registers the models)
+
+__all__ = ["available", "create"]

@@ -1,0 +1,148 @@
+"""The `kd_jax.models` contract: registry, call signature, feature dict, batch-norm modes, dtype."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kd_jax import models
+
+
+def _params(model):
+  return nnx.state(model, nnx.Param)
+
+
+def test_available_is_sorted_and_has_the_digits_models():
+  names = models.available()
+  assert names == sorted(names)
+  assert {"cnn_digits", "mlp_digits"} <= set(names)
+
+
+def test_unknown_name_lists_known_names():
+  with pytest.raises(ValueError, match="unknown model name 'resnet9'.*cnn_digits.*mlp_digits"):
+    models.create("resnet9", num_classes=10)
+
+
+@pytest.mark.parametrize("num_classes", [0, -3, 2.5, True])
+def test_bad_num_classes(num_classes):
+  with pytest.raises(ValueError, match="num_classes"):
+    models.create("mlp_digits", num_classes=num_classes)
+
+
+def test_unknown_option_is_named():
+  with pytest.raises(ValueError, match="dropout_rate"):
+    models.create("cnn_digits", num_classes=10, dropout_rate=0.3)
+
+
+def test_default_rngs_is_rngs_zero():
+  a = models.create("cnn_digits", num_classes=10)
+  b = models.create("cnn_digits", num_classes=10, rngs=nnx.Rngs(0))
+  c = models.create("cnn_digits", num_classes=10, rngs=nnx.Rngs(1))
+  ka, kb, kc = (m.conv1.kernel[...] for m in (a, b, c))
+  np.testing.assert_array_equal(ka, kb)
+  assert not np.allclose(ka, kc)
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("cnn_digits", {"stem", "stage1", "stage2", "preact_stage1", "preact_stage2", "pre_pool",
+                    "embedding"}),
+    ("mlp_digits", {"stem", "stage1", "preact_stage1", "pre_pool", "embedding"}),
+])
+def test_digits_outputs(name, keys):
+  model = models.create(name, num_classes=7)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  for train in (True, False):
+    logits, feats = model(x, train=train)
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+    assert set(feats) == keys
+    assert feats["embedding"].ndim == 2 and feats["embedding"].shape[0] == 3
+    np.testing.assert_array_equal(feats["pre_pool"], feats[sorted(k for k in keys if k.startswith("stage"))[-1]])
+    # The classifier reads the embedding: logits = embedding @ W + b.
+    head = model.fc if name == "cnn_digits" else model.fc3
+    np.testing.assert_allclose(
+        logits, np.asarray(feats["embedding"]) @ np.asarray(head.kernel[...]) + np.asarray(head.bias[...]),
+        rtol=1e-5, atol=1e-5)
+    for k in keys:
+      if k.startswith("preact_"):
+        np.testing.assert_allclose(np.maximum(np.asarray(feats[k]), 0), feats[k[len("preact_"):]])
+
+
+def test_cnn_digits_embedding_is_spatial_mean_of_last_stage():
+  model = models.create("cnn_digits", num_classes=10)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  _, feats = model(x, train=False)
+  assert feats["stage2"].shape == (2, 4, 4, 32)
+  np.testing.assert_allclose(feats["embedding"], np.asarray(feats["stage2"]).mean(axis=(1, 2)),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
+  model = models.create("cnn_digits", num_classes=10)
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1)) * 3.0 + 1.0
+  z = np.asarray(model.conv1(x), np.float64)  # conv1 output, the input of bn1
+  _, feats = model(x, train=True)
+  mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
+  expected_stem = np.maximum((z - mean) / np.sqrt(var + 1e-5), 0.0)  # scale 1, bias 0 at init
+  np.testing.assert_allclose(feats["stem"], expected_stem, rtol=1e-4, atol=1e-4)
+  # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch (running mean starts at 0, var at 1).
+  np.testing.assert_allclose(model.bn1.mean[...], 0.1 * mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.bn1.var[...], 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_eval_uses_running_averages_and_changes_nothing():
+  model = models.create("cnn_digits", num_classes=10)
+  x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+  model(x, train=True)  # move the running averages away from (0, 1)
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  z = np.asarray(model.conv1(x), np.float64)
+  _, feats = model(x, train=False)
+  m, v = np.asarray(model.bn1.mean[...]), np.asarray(model.bn1.var[...])
+  np.testing.assert_allclose(feats["stem"], np.maximum((z - m) / np.sqrt(v + 1e-5), 0.0),
+                             rtol=1e-4, atol=1e-4)
+  after = nnx.state(model, nnx.BatchStat)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  # Eval output of an example does not depend on the rest of the batch; train output does.
+  full, _ = model(x, train=False)
+  one, _ = model(x[:1], train=False)
+  np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-5)
+  full_t, _ = model(x, train=True)
+  half_t, _ = model(x[:2], train=True)
+  assert not np.allclose(full_t[:2], half_t, atol=1e-4)
+
+
+def test_functional_use_under_jit():
+  model = models.create("cnn_digits", num_classes=10)
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+  @jax.jit
+  def step(params, stats, x):
+    m = nnx.merge(graphdef, params, stats)
+    logits, _ = m(x, train=True)
+    return logits, nnx.state(m, nnx.BatchStat)
+
+  x = jax.random.normal(jax.random.key(4), (4, 8, 8, 1))
+  logits, new_stats = step(params, stats, x)
+  eager, _ = model(x, train=True)
+  np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               new_stats, nnx.state(model, nnx.BatchStat))
+
+
+@pytest.mark.parametrize("name", ["cnn_digits", "mlp_digits"])
+def test_bfloat16_compute_keeps_float32_params_and_logits(name):
+  model = models.create(name, num_classes=10, dtype=jnp.bfloat16)
+  ref = models.create(name, num_classes=10)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(_params(model)))
+  x = jax.random.normal(jax.random.key(5), (2, 8, 8, 1))
+  logits, feats = model(x, train=False)
+  assert logits.dtype == jnp.float32
+  assert feats["embedding"].dtype == jnp.bfloat16
+  ref_logits, _ = ref(x, train=False)
+  np.testing.assert_allclose(logits, ref_logits, rtol=0.05, atol=0.05)
+
+
+def test_mlp_rejects_wrong_input_size():
+  model = models.create("mlp_digits", num_classes=10)
+  with pytest.raises(ValueError, match="64 input values"):
+    model(jnp.zeros((2, 4, 4, 1)), train=False)
