@@ -1,0 +1,121 @@
+"""The distillation train step: teacher and student in one function, gradients for the student.
+
+`make_train_step` builds a per-device `step(state, batch[, teacher_variables]) -> (state,
+metrics)`, as big_vision's `proj/distill` update: the frozen teacher runs inside the same
+(jitted) step in inference mode under `stop_gradient`, so it sees exactly the student's view of
+the batch; the student runs in train mode; the loss is the weighted sum of the configured terms
+(`kd_jax.train.terms`), differentiated with respect to the student's parameters only. Under data
+parallelism (`axis_name="batch"`, see `kd_jax.parallel`) gradients, batch statistics and metrics
+are averaged with `jax.lax.pmean`; with `axis_name=None` the same step runs on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kd_jax.parallel import BATCH_AXIS
+from kd_jax.train.state import TrainState
+from kd_jax.train.terms import Outputs, Term, TermContext, evaluate_terms, needs_teacher, parse_terms
+
+
+def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
+  """Runs an NNX classifier given as pytrees; returns (Outputs, updated non-param state)."""
+  model = nnx.merge(graphdef, params, model_state)
+  logits, features = model(x, train=train)
+  return Outputs(logits, dict(features)), nnx.state(model, nnx.Not(nnx.Param))
+
+
+def teacher_outputs(teacher_graphdef: nnx.GraphDef, teacher_variables: Mapping[str, Any],
+                    x) -> Outputs:
+  """The frozen teacher's outputs: inference mode (BN running statistics), no gradient."""
+  variables = jax.lax.stop_gradient(dict(teacher_variables))
+  out, _ = apply_model(teacher_graphdef, variables["params"], variables["batch_stats"], x,
+                       train=False)
+  return out
+
+
+def _pmean_floats(tree, axis_name):
+  return jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+def make_train_step(loss: str | Sequence[Term], *,
+                    teacher_graphdef: nnx.GraphDef | None = None,
+                    loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+                    axis_name: str | None = BATCH_AXIS,
+                    input_key: str = "image") -> Callable[..., tuple[TrainState, dict]]:
+  """Builds the per-device step for the weighted sum of loss terms `loss`.
+
+  total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
+  after its linear warm-up (`Term.weight_at`).
+
+  Args:
+    loss: a loss spec such as "ce:0.1,kd:0.9" or parsed `Term`s (see `terms.parse_terms`).
+    teacher_graphdef: the teacher's graph definition (its variables are a step argument, so large
+      teachers are not baked into the program as constants); None for training without a teacher
+      (only terms such as "ce" are then allowed).
+    loss_options: per-term options, e.g. {"kd": {"temperature": 4.0}}.
+    axis_name: the data-parallel axis to `pmean` over; None for a plain single-device step.
+    input_key: the batch entry fed to both models.
+
+  Returns:
+    `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
+    "loss" (the weighted total), "loss/<term>" (each unweighted term), "weight/<term>" (its
+    current weight) and "accuracy" (student top-1 on the batch), all averaged over devices.
+
+  Raises:
+    ValueError: an unknown term, or a term that needs a teacher when none is given.
+  """
+  terms = parse_terms(loss, loss_options)
+  if needs_teacher(terms) and teacher_graphdef is None:
+    raise ValueError(f"the loss {', '.join(map(str, terms))} needs a teacher "
+                     "(teacher_graphdef is None).")
+
+  def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
+    x = batch[input_key]
+    teacher = None
+    if teacher_graphdef is not None:
+      if teacher_variables is None:
+        raise ValueError("this step was built with a teacher: pass teacher_variables.")
+      teacher = teacher_outputs(teacher_graphdef, teacher_variables, x)
+    rng, _ = jax.random.split(state.rng)
+
+    def loss_fn(params):
+      student, new_model_state = apply_model(state.graphdef, params, state.batch_stats, x,
+                                             train=True)
+      ctx = TermContext(student=student, teacher=teacher, batch=batch, params=params,
+                        axis_name=axis_name, step=state.step)
+      values = evaluate_terms(terms, ctx)
+      weights = {t.name: t.weight_at(state.step) for t in terms}
+      total = sum(weights[t.name] * values[t.name] for t in terms)
+      return total, (values, weights, new_model_state, student.logits)
+
+    grads, (values, weights, new_model_state, logits) = jax.grad(loss_fn, has_aux=True)(
+        state.params)
+    total = sum(weights[k] * values[k] for k in values)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    where = batch.get("mask")
+    if where is not None:
+      correct = jnp.where(where, correct, 0.0)
+    accuracy = jnp.sum(correct) / jnp.maximum(
+        jnp.sum(jnp.ones_like(correct) if where is None else where.astype(jnp.float32)), 1.0)
+    metrics = {"loss": total, "accuracy": accuracy,
+               **{f"loss/{k}": v for k, v in values.items()},
+               **{f"weight/{k}": jnp.asarray(w, jnp.float32) for k, w in weights.items()}}
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      new_model_state = _pmean_floats(new_model_state, axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_model_state,
+                              opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  step.terms = terms
+  return step
