@@ -7,3 +7,7 @@ from kd_jax.data.pipeline import batches
 from kd_jax.data.pipeline import eval_batches
 from kd_jax.data.pipeline import example_rng
 from kd_jax.data.pipeline import steps_per_epoch
+from kd_jax.data import augment
+from kd_jax.data.augment import cifar_eval_transform
+from kd_jax.data.augment import cifar_train_augment
+from kd_jax.data.augment import compose
