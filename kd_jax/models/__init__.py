@@ -26,6 +26,7 @@ float32; features are in the compute dtype (option `dtype`, default float32).
 """
 
 from kd_jax.models._registry import available, create
-from kd_jax.models import digits  # noqa: F401  (registers the models)
+# Importing the model modules registers their names.
+from kd_jax.models import digits, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401
 
 __all__ = ["available", "create"]
