@@ -4,6 +4,10 @@ Both compare temperature-softened class distributions of a student and a teacher
 per-example loss of the batch shape; the caller reduces (the batch mean reproduces the reference
 implementations' `sum / B` convention). Gradients flow into both arguments: freezing the teacher
 (`jax.lax.stop_gradient` or differentiating only the student) is the train step's job.
+
+Each public function checks its inputs in Python (static shapes, and concrete labels when it can)
+and then calls a jitted core: an eager call compiles once per shape, and inside a jitted train
+step the core is simply inlined.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ def kd(student_logits, teacher_logits, *, temperature=4.0, where=None):
   val.check_logits_pair(student_logits, teacher_logits)
   val.check_where(where, jnp.shape(student_logits)[:-1])
   _check_temperature(temperature)
+  return _kd(student_logits, teacher_logits, temperature, where)
+
+
+@jax.jit
+def _kd(student_logits, teacher_logits, temperature, where):
   s = _masked_rows(nm.to_float32(student_logits), where)
   t = _masked_rows(nm.to_float32(teacher_logits), where)
   temperature = jnp.asarray(temperature, jnp.float32)
@@ -124,7 +133,12 @@ def dkd(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperat
   val.check_where(where, batch_shape)
   _check_labels(labels, batch_shape, num_classes, where)
   _check_temperature(temperature)
+  return _dkd(student_logits, teacher_logits, labels, alpha, beta, temperature, where)
 
+
+@jax.jit
+def _dkd(student_logits, teacher_logits, labels, alpha, beta, temperature, where):
+  num_classes = student_logits.shape[-1]
   s = _masked_rows(nm.to_float32(student_logits), where)
   t = _masked_rows(nm.to_float32(teacher_logits), where)
   labels = jnp.asarray(labels)

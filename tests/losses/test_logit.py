@@ -123,3 +123,91 @@ def test_kd_rejects_mismatched_shapes():
     kd(jnp.zeros((4, 10)), jnp.zeros((4, 9)))
   with pytest.raises(ValueError, match="where"):
     kd(jnp.zeros((4, 10)), jnp.zeros((4, 10)), where=jnp.ones((3,), bool))
+
+
+# ----------------------------------------------------------------------------------------- dkd
+
+
+@pytest.mark.parametrize("alpha,beta,temp", [(1.0, 8.0, 4.0), (1.0, 0.5, 1.0), (0.3, 2.0, 2.0)])
+def test_dkd_batch_mean_matches_mdistiller(alpha, beta, temp):
+  rng = np.random.default_rng(5)
+  s, t = rng.normal(size=(2, 16, 10)) * 3
+  y = rng.integers(0, 10, size=16)
+  got = dkd(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y),
+            alpha=alpha, beta=beta, temperature=temp)
+  want = _np_dkd_mdistiller(s, t, y, alpha, beta, temp)
+  assert got.shape == (16,)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(got.mean(), want.sum() / 16, rtol=2e-5)
+
+
+def test_dkd_hand_computed_three_classes():
+  # T = 1, label 0. Teacher p_t = (1/2, 1/4, 1/4); student p_s = (1/3, 1/3, 1/3).
+  t = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+  s = jnp.zeros((1, 3))
+  tckd = 0.5 * np.log(0.5 / (1 / 3)) + 0.5 * np.log(0.5 / (2 / 3))
+  nckd = 0.0  # both non-target parts are (1/2, 1/2)
+  got = dkd(s, t, jnp.array([0]), alpha=1.0, beta=8.0, temperature=1.0)
+  np.testing.assert_allclose(got, [tckd + 8 * nckd], rtol=1e-6)
+  # Label 1: binary (1/4, 3/4) vs (1/3, 2/3); non-target (2/3, 1/3) vs (1/2, 1/2).
+  tckd = 0.25 * np.log(0.75) + 0.75 * np.log(0.75 / (2 / 3))
+  nckd = (2 / 3) * np.log(4 / 3) + (1 / 3) * np.log(2 / 3)
+  got = dkd(s, t, jnp.array([1]), alpha=2.0, beta=3.0, temperature=1.0)
+  np.testing.assert_allclose(got, [2 * tckd + 3 * nckd], rtol=1e-6)
+
+
+def test_dkd_equals_kd_decomposition():
+  # KL = TCKD + (1 - p_t,y) * NCKD (the DKD paper's Eq. 5): check with alpha = 1, beta = 1 - p_ty.
+  rng = np.random.default_rng(6)
+  s, t = rng.normal(size=(2, 8, 7))
+  y = rng.integers(0, 7, size=8)
+  pty = np.exp(_np_log_softmax(t / 2.0))[np.arange(8), y]
+  parts = [dkd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), alpha=a, beta=b, temperature=2.0)
+           for a, b in [(1.0, 0.0), (0.0, 1.0)]]
+  np.testing.assert_allclose(parts[0] + (1 - pty) * parts[1], _np_kd(s, t, 2.0), rtol=1e-4)
+
+
+def test_dkd_labels_validation_and_masking():
+  s = jnp.zeros((3, 4))
+  with pytest.raises(ValueError, match=r"\[0, 4\)"):
+    dkd(s, s, jnp.array([0, 4, 1]))
+  with pytest.raises(ValueError, match="batch shape"):
+    dkd(s, s, jnp.array([0, 1]))
+  with pytest.raises(ValueError, match="integers"):
+    dkd(s, s, jnp.array([0.0, 1.0, 2.0]))
+  # A padded example with label -1 is fine when masked, and gives exactly 0.
+  where = jnp.array([True, False, True])
+  got = dkd(s, s + jnp.arange(4.0), jnp.array([0, -1, 3]), where=where)
+  assert got[1] == 0.0 and np.all(np.isfinite(got))
+  # Under jit the range cannot be checked: an unmasked bad label gives NaN.
+  got = jax.jit(dkd)(s, s, jnp.array([0, 9, 1]))
+  assert np.isnan(got[1]) and np.all(np.isfinite(got[::2]))
+
+
+def test_dkd_all_false_where_and_extreme_logits():
+  s = jnp.array([[1e4, -1e4, 0.0, 5.0], [-1e4, 1e4, 3.0, -1e4]])
+  t = jnp.array([[-1e4, 1e4, 0.0, 2.0], [-1e4, 1e4, -1e4, 1e4]])
+  y = jnp.array([0, 1])
+  f = lambda s, t, w: dkd(s, t, y, where=w).sum()
+  val, (gs, gt) = jax.value_and_grad(f, argnums=(0, 1))(s, t, None)
+  assert np.isfinite(val) and np.all(np.isfinite(gs)) and np.all(np.isfinite(gt))
+  w = jnp.zeros((2,), bool)
+  assert float(f(s, t, w)) == 0.0
+  assert np.all(jax.grad(f)(s, t, w) == 0)
+
+
+def test_dkd_bfloat16_jit_vmap_grads():
+  rng = np.random.default_rng(7)
+  s, t = (jnp.asarray(a, jnp.float32) for a in rng.normal(size=(2, 3, 4, 6)))
+  y = jnp.asarray(rng.integers(0, 6, size=(3, 4)))
+  eager = dkd(s, t, y)
+  assert eager.shape == (3, 4)
+  got = dkd(s.astype(jnp.bfloat16), t.astype(jnp.bfloat16), y)
+  assert got.dtype == jnp.float32
+  want = dkd(s.astype(jnp.bfloat16).astype(jnp.float32), t.astype(jnp.bfloat16).astype(jnp.float32),
+             y)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(dkd)(s, t, y), eager, rtol=1e-5)
+  np.testing.assert_allclose(jax.vmap(dkd)(s, t, y), eager, rtol=1e-5)
+  check_grads(lambda s, t: dkd(s, t, y[0], temperature=2.0), (s[0], t[0]), order=1,
+              modes=["rev"], atol=1e-2, rtol=1e-2)
