@@ -11,3 +11,7 @@ from kd_jax.data import augment
 from kd_jax.data.augment import cifar_eval_transform
 from kd_jax.data.augment import cifar_train_augment
 from kd_jax.data.augment import compose
+from kd_jax.data.sources import CIFAR_NUM_CLASSES
+from kd_jax.data.sources import DatasetUnavailableError
+from kd_jax.data.sources import cifar
+from kd_jax.data.sources import tfds_source

@@ -85,13 +85,18 @@ def _stack(examples: Sequence[Mapping[str, Any]]) -> Batch:
   return {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in keys}
 
 
+def _read(source: RandomAccessSource, indices: np.ndarray) -> list[Example]:
+  """Reads examples one by one, or in one call where the source has `__getitems__`."""
+  getitems = getattr(source, "__getitems__", None)
+  if getitems is not None:
+    return [dict(ex) for ex in getitems([int(i) for i in indices])]
+  return [dict(source[int(i)]) for i in indices]
+
+
 def _gather(source: RandomAccessSource, indices: np.ndarray) -> Batch:
   if isinstance(source, ArraySource):
     return source.gather(indices)
-  getitems = getattr(source, "__getitems__", None)
-  examples = getitems([int(i) for i in indices]) if getitems else [
-      source[int(i)] for i in indices]
-  return _stack(examples)
+  return _stack(_read(source, indices))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
@@ -199,9 +204,8 @@ def batches(arrays, *, batch_size: int, seed: int, shuffle: bool = True,
     indices = _epoch_order(n, seed, epoch, shuffle)[positions]
     if augment is None:
       return _gather(source, indices)
-    examples = [
-        augment(dict(source[int(i)]), example_rng(seed, epoch, int(p)))
-        for i, p in zip(indices, positions)]
+    examples = [augment(ex, example_rng(seed, epoch, int(p)))
+                for ex, p in zip(_read(source, indices), positions)]
     return _stack(examples)
 
   ds = grain.MapDataset.range(min(start_step, total), total).map(make_batch)
@@ -237,7 +241,7 @@ def eval_batches(arrays, *, batch_size: int, transform: Augment | None = None,
     if transform is None:
       batch = _gather(source, indices)
     else:
-      batch = _stack([transform(dict(source[int(i)]), None) for i in indices])
+      batch = _stack([transform(ex, None) for ex in _read(source, indices)])
     pad = batch_size - indices.shape[0]
     if pad:
       batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
