@@ -63,8 +63,15 @@ def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places every array of `tree` on all devices of `mesh` (replicated)."""
-  return jax.device_put(tree, replicated_sharding(mesh))
+  """Places a copy of every array of `tree` on all devices of `mesh` (replicated).
+
+  The copy never aliases the input buffers, so donating the result to a step leaves the caller's
+  arrays (e.g. a module's parameters) alive.
+  """
+  # device_put may reuse the source buffer for the replica on its own device (even with
+  # may_alias=False on CPU), so copy first.
+  copied = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+  return jax.device_put(copied, replicated_sharding(mesh))
 
 
 def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
