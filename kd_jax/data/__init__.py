@@ -15,3 +15,4 @@ from kd_jax.data.sources import CIFAR_NUM_CLASSES
 from kd_jax.data.sources import DatasetUnavailableError
 from kd_jax.data.sources import cifar
 from kd_jax.data.sources import tfds_source
+from kd_jax.data import teacher_cache
