@@ -73,8 +73,14 @@ def pad_and_crop(image: np.ndarray, top: int, left: int, *, padding: int = 4,
         f"crop offset (top={top}, left={left}) of size {(ch, cw)} falls outside the "
         f"padded image {(h + 2 * padding, w + 2 * padding)} (image {image.shape}, "
         f"padding={padding}).")
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  return padded[top:top + ch, left:left + cw]
+  # Copy the overlap of the crop window with the image into zeros (no padded copy).
+  out = np.zeros((ch, cw) + image.shape[2:], image.dtype)
+  y0, x0 = top - padding, left - padding  # window origin in image coordinates.
+  ys, ye = max(y0, 0), min(y0 + ch, h)
+  xs, xe = max(x0, 0), min(x0 + cw, w)
+  if ys < ye and xs < xe:
+    out[ys - y0:ye - y0, xs - x0:xe - x0] = image[ys:ye, xs:xe]
+  return out
 
 
 def random_crop(image: np.ndarray, rng: np.random.Generator, *, padding: int = 4,
@@ -112,13 +118,15 @@ def normalize(image: np.ndarray, rng=None, *, mean: Sequence[float],
   del rng
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)
-  if mean.shape != std.shape or mean.shape[-1:] != image.shape[-1:]:
+  if mean.shape != std.shape or mean.shape[-1:] != np.shape(image)[-1:]:
     raise ValueError(
         f"mean {mean.shape} and std {std.shape} must match the channel axis of image "
         f"{image.shape}.")
   if np.any(std <= 0):
     raise ValueError(f"std must be positive, got std={std.tolist()}.")
-  return (to_float(image) - mean) / std
+  out = to_float(image) - mean
+  out *= np.float32(1.0) / std
+  return out
 
 
 def compose(*fns: ImageFn, key: str = "image"):

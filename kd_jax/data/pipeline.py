@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import functools
-import math
 import sys
 from typing import Any, Protocol
 
