@@ -1,0 +1,207 @@
+"""Teachers: saved with Orbax, restored against the model's abstract shapes, returned frozen.
+
+A teacher checkpoint is one Orbax `StandardCheckpointer` directory holding
+`{"params": ..., "batch_stats": ...}` as nested dicts of arrays (the model's `nnx.Param` state
+and the rest, BatchNorm running statistics). `restore_teacher` builds the abstract target from the
+model itself (`nnx.eval_shape`, no parameter is initialised), compares every array's key path,
+shape and dtype with the checkpoint's metadata before reading anything, and returns a
+`FrozenTeacher`: variables under `stop_gradient`, applied only in inference mode (BatchNorm uses
+its running statistics), and refused by `save_teacher` (teachers are never re-saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from kd_jax import models
+
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenTeacher:
+  """A restored teacher: graph definition plus frozen variables {"params", "batch_stats"}.
+
+  Call it as `logits, features = teacher(x)`: always inference mode, always under
+  `stop_gradient`. Inside a jitted step pass `teacher.variables` as an argument and use
+  `teacher.graphdef` (see `kd_jax.train.step.make_train_step`), so the weights are not baked into
+  the program as constants.
+  """
+
+  graphdef: nnx.GraphDef
+  variables: Mapping[str, nnx.State]
+  model_name: str
+  num_classes: int
+  path: str | None = None
+
+  def __call__(self, x):
+    variables = jax.lax.stop_gradient(dict(self.variables))
+    model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"])
+    logits, features = model(x, train=False)
+    return jax.lax.stop_gradient((logits, dict(features)))
+
+
+def _split(model: nnx.Module):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool = False) -> str:
+  """Saves a trained model's variables as a teacher checkpoint (Orbax) at `path`.
+
+  Args:
+    path: the checkpoint directory to create.
+    model: the trained NNX model (not a `FrozenTeacher`: restored teachers are never re-saved).
+    overwrite: replace an existing checkpoint at `path`.
+
+  Returns:
+    The absolute checkpoint path.
+  """
+  if isinstance(model, FrozenTeacher):
+    raise TypeError("a FrozenTeacher is never re-saved; save the model it was trained as.")
+  path = os.path.abspath(os.fspath(path))
+  _, params, rest = _split(model)
+  tree = {"params": params.to_pure_dict(), "batch_stats": rest.to_pure_dict()}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree, force=overwrite)
+  checkpointer.wait_until_finished()
+  return path
+
+
+def _keystr(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _flat(tree) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_keystr(p): v for p, v in leaves}
+
+
+def _check_against_metadata(path: str, target: Mapping[str, Any], metadata: Mapping[str, Any]):
+  want, have = _flat(target), _flat(metadata)
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  problems = []
+  if missing:
+    problems.append(f"arrays missing from the checkpoint (partial checkpoint?): {missing}")
+  if extra:
+    problems.append(f"arrays in the checkpoint that the model does not have: {extra}")
+  for key in sorted(set(want) & set(have)):
+    w, h = want[key], have[key]
+    h_shape, h_dtype = tuple(getattr(h, "shape", ())), getattr(h, "dtype", None)
+    if tuple(w.shape) != h_shape or (h_dtype is not None and np.dtype(h_dtype) != w.dtype):
+      problems.append(f"array {key!r}: checkpoint has shape {h_shape} dtype {h_dtype}, the model "
+                      f"expects shape {tuple(w.shape)} dtype {w.dtype}")
+  if problems:
+    raise ValueError(f"teacher checkpoint {path} does not match the model:\n  " +
+                     "\n  ".join(problems))
+
+
+def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: int,
+                    **model_options) -> FrozenTeacher:
+  """Restores a teacher saved by `save_teacher` into the model `model_name`.
+
+  The target is abstract (`nnx.eval_shape` of `kd_jax.models.create(model_name, ...)`), so the
+  model is never initialised; every array's key path, shape and dtype is checked against the
+  checkpoint's metadata before any data is read.
+
+  Args:
+    path: the checkpoint directory.
+    model_name: a name from `kd_jax.models.available()`.
+    num_classes: the classifier size the teacher was trained with.
+    **model_options: further options of `kd_jax.models.create` (e.g. `dtype`).
+
+  Returns:
+    A `FrozenTeacher`.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: `path` is not a complete Orbax checkpoint (names the path and what is missing),
+      or an array is missing, unexpected, or of another shape/dtype (names its key path and both
+      shapes), or the model name is unknown.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"teacher checkpoint {path} does not exist.")
+  if not os.path.isdir(path):
+    raise ValueError(f"teacher checkpoint {path} is not a directory (an Orbax checkpoint is).")
+  absent = [f for f in _REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
+  if absent:
+    raise ValueError(f"teacher checkpoint {path} is incomplete (partial or interrupted save?): "
+                     f"missing {absent}.")
+  abstract = nnx.eval_shape(lambda: models.create(model_name, num_classes=num_classes,
+                                                  rngs=nnx.Rngs(0), **model_options))
+  graphdef, abs_params, abs_rest = _split(abstract)
+  target = {"params": abs_params.to_pure_dict(), "batch_stats": abs_rest.to_pure_dict()}
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(path).item_metadata.tree
+  except Exception as e:  # noqa: BLE001 - orbax raises several types for a broken directory
+    raise ValueError(f"teacher checkpoint {path} cannot be read: {e}") from e
+  metadata = {k: metadata.get(k, {}) or {} for k in set(metadata) | set(target)}
+  _check_against_metadata(path, target, metadata)
+  abstract_target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  try:
+    restored = checkpointer.restore(path, abstract_target)
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"teacher checkpoint {path} is corrupt or partial: reading it failed with "
+                     f"{type(e).__name__}: {e}") from e
+  params, rest = abs_params, abs_rest
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.replace_by_pure_dict(rest, restored["batch_stats"])
+  variables = jax.lax.stop_gradient({"params": params, "batch_stats": rest})
+  return FrozenTeacher(graphdef=graphdef, variables=variables, model_name=model_name,
+                       num_classes=num_classes, path=path)
+
+
+def freeze(model: nnx.Module, *, model_name: str = "", num_classes: int | None = None
+           ) -> FrozenTeacher:
+  """Wraps an in-memory trained model as a `FrozenTeacher` (copies its variables)."""
+  graphdef, params, rest = _split(model)
+  variables = jax.tree.map(jnp.array, {"params": params, "batch_stats": rest})
+  if num_classes is None:
+    num_classes = -1
+  return FrozenTeacher(graphdef=graphdef, variables=jax.lax.stop_gradient(variables),
+                       model_name=model_name, num_classes=num_classes)
+
+
+def check_teacher_outputs(teacher: FrozenTeacher, batches: Iterable[Mapping[str, Any]], *,
+                          student_num_classes: int | None = None, input_key: str = "image",
+                          max_batches: int = 2) -> None:
+  """Checks, before training, that the teacher fits the student and gives finite outputs.
+
+  Runs the teacher on up to `max_batches` batches and raises if its logits have a different
+  number of classes than the student (mismatched datasets) or if any logit or feature is NaN or
+  infinite (a broken or mismatched checkpoint would otherwise poison every step silently).
+
+  Raises:
+    ValueError: naming the class counts, or the output and the batch with non-finite values.
+  """
+  apply = jax.jit(lambda v, x: FrozenTeacher(teacher.graphdef, v, teacher.model_name,
+                                             teacher.num_classes)(x))
+  for i, batch in enumerate(batches):
+    if i >= max_batches:
+      break
+    logits, features = apply(teacher.variables, jnp.asarray(batch[input_key]))
+    if student_num_classes is not None and logits.shape[-1] != student_num_classes:
+      raise ValueError(
+          f"teacher/student class mismatch: the teacher {teacher.model_name or ''} predicts "
+          f"{logits.shape[-1]} classes but the student has {student_num_classes} (were they "
+          "trained on different datasets?).")
+    for name, value in {"logits": logits, **{f"features[{k!r}]": v for k, v in features.items()}
+                        }.items():
+      bad = int(jnp.sum(~jnp.isfinite(value)))
+      if bad:
+        raise ValueError(
+            f"the teacher {teacher.model_name or ''} ({teacher.path or 'in memory'}) gives "
+            f"{bad} non-finite (NaN/inf) values in its {name} of shape {value.shape} on batch "
+            f"{i}; refusing to distil from it.")
