@@ -1,3 +1,330 @@
-"""Placeholder: filled in by its own change."""
+"""PTLoss: KD with a perturbed Maclaurin series of the KL, and the proxy teacher it implies.
 
-__all__: list[str] = []
+Zhang et al., "Knowledge Distillation with Perturbed Loss: From a Vanilla Teacher to a Proxy
+Teacher" (KDD 2024; arXiv 2305.05010). No official code was released; the formulas follow
+docs METHODS.md section 1. Writing u_k = 1 - p^s_k, the KL's student term is
+-sum_k p^t_k log p^s_k = sum_k p^t_k sum_{m>=1} u_k^m / m, and PTLoss perturbs the leading M
+coefficients 1/m by eps_{k,m}:
+
+  L_PT = KL(p^t || p^s) + sum_k p^t_k sum_{m=1}^{M} eps_{k,m} u_k^m.
+
+Minimising L_PT over the student's distribution gives the "proxy teacher" the student is really
+fitted to; `proxy_teacher` computes it exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.losses import _numerics as nm
+from kd_jax.losses import _validation as val
+
+__all__ = ["ptloss", "proxy_teacher", "ProxyTeacher", "epsilon_is_valid"]
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+
+def _check_epsilon(epsilon, num_classes: int, name: str = "epsilon") -> None:
+  """epsilon is `[M]` (shared over classes) or `[K, M]` (one row per class)."""
+  shape = tuple(jnp.shape(epsilon))
+  if len(shape) == 1:
+    return
+  if len(shape) == 2 and shape[0] == num_classes:
+    return
+  raise ValueError(
+      f"{name} must have shape [M] (shared over classes) or [num_classes, M] = "
+      f"[{num_classes}, M] (per class), got {name}.shape={shape} for {num_classes} classes."
+  )
+
+
+def _as_class_rows(epsilon):
+  """`[M]` -> `[1, M]` (broadcasts over classes); `[K, M]` unchanged. float32."""
+  epsilon = nm.to_float32(epsilon)
+  return epsilon[None, :] if epsilon.ndim == 1 else epsilon
+
+
+def _horner(coefficients, u):
+  """sum_j coefficients[..., j] * u^j for coefficients `[K or 1, J]` and u `[..., K]`."""
+  acc = jnp.zeros_like(u)
+  for j in range(coefficients.shape[-1] - 1, -1, -1):
+    acc = acc * u + coefficients[:, j]
+  return acc
+
+
+def _derivative_coefficients(eps):
+  """Coefficients of P'(u) and P''(u) in powers of u, for P(u) = sum_{m=1}^M eps_m u^m."""
+  m = jnp.arange(1, eps.shape[-1] + 1, dtype=jnp.float32)
+  d1 = eps * m  # P'(u) = sum_{j>=0} (j+1) eps_{j+1} u^j
+  d2 = (eps * m * (m - 1))[:, 1:]  # P''(u) = sum_{j>=0} (j+2)(j+1) eps_{j+2} u^j
+  return d1, d2
+
+
+# -------------------------------------------------------------------------------------- ptloss
+
+
+def ptloss(student_logits, teacher_logits, epsilon, *, temperature=1.0, where=None,
+           series_terms=None):
+  r"""Perturbed KD loss (PTLoss) per example.
+
+  With :math:`p^t = softmax(t/T)`, :math:`p^s = softmax(s/T)` and :math:`u_k = 1 - p^s_k`,
+
+  .. math::
+    L_{PT} = KL(p^t \| p^s) + \sum_k p^t_k \sum_{m=1}^{M} \epsilon_{k,m} u_k^m
+
+  (Zhang et al., KDD 2024, "Knowledge Distillation with Perturbed Loss"; METHODS.md 1.3; no
+  official code exists). `epsilon = 0` gives `KL(p^t || p^s)`, i.e. `kd(...) / T**2` (no
+  `T**2` factor here). A one-hot teacher with `M = 1` and a shared `epsilon` gives Poly-1
+  (Leng et al., ICLR 2022): `CE + eps * (1 - p_y)`.
+
+  Exact form (`series_terms=None`, the default and the one to train with): the KL from
+  `log_softmax`, plus the M-term polynomial. Series form (`series_terms=N`): the Maclaurin series
+  :math:`\sum_k p^t_k \log p^t_k + \sum_k p^t_k \sum_{m=1}^{N} (1/m + \epsilon_{k,m}
+  [m \le M]) u_k^m` itself, truncated at N terms. It converges slowly when a teacher-weighted
+  class has a small student probability (about `1/p` terms are needed), so it exists for study
+  and tests only.
+
+  Args:
+    student_logits: `[..., K]` student logits (computed in float32).
+    teacher_logits: `[..., K]` teacher logits.
+    epsilon: perturbation coefficients, `[M]` shared over classes or `[K, M]` per class;
+      `epsilon[..., m-1]` perturbs the order-m term.
+    temperature: `T > 0`, applied to both teacher and student (METHODS.md 1.8 lists this as
+      unspecified by the paper).
+    where: optional boolean mask of the batch shape; masked examples give exactly 0.
+    series_terms: `None` for the exact form, or a static Python int `N >= M` for the truncated
+      series.
+
+  Returns:
+    float32 array of the batch shape `[...]`.
+  """
+  val.check_logits_pair(student_logits, teacher_logits)
+  num_classes = jnp.shape(student_logits)[-1]
+  val.check_where(where, jnp.shape(student_logits)[:-1])
+  _check_epsilon(epsilon, num_classes)
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if series_terms is not None:
+    order = jnp.shape(epsilon)[-1]
+    if not isinstance(series_terms, (int, np.integer)) or series_terms < max(order, 1):
+      raise ValueError(
+          f"series_terms must be None or a Python int >= M = {order} (epsilon.shape="
+          f"{tuple(jnp.shape(epsilon))}), got {series_terms!r}."
+      )
+    series_terms = int(series_terms)
+  return _ptloss(student_logits, teacher_logits, epsilon, temperature, where,
+                 series_terms=series_terms)
+
+
+@functools.partial(jax.jit, static_argnames=("series_terms",))
+def _ptloss(student_logits, teacher_logits, epsilon, temperature, where, *, series_terms):
+  s = nm.to_float32(student_logits)
+  t = nm.to_float32(teacher_logits)
+  if where is not None:  # Zeros in masked rows, so that garbage there cannot reach a gradient.
+    s = jnp.where(where[..., None], s, 0.0)
+    t = jnp.where(where[..., None], t, 0.0)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  s, t = s / temperature, t / temperature
+  eps = _as_class_rows(epsilon)
+  log_ps = jax.nn.log_softmax(s, axis=-1)
+  pt = jax.nn.softmax(t, axis=-1)
+  u = jnp.clip(-jnp.expm1(log_ps), 0.0, 1.0)  # 1 - p^s, accurate when p^s is close to 1
+
+  if series_terms is None:
+    # sum_m eps_m u^m = u * (eps_1 + u * (eps_2 + ...)).
+    extra = jnp.sum(pt * u * _horner(eps, u), axis=-1)
+    loss = nm.kl_from_logits(t, s) + extra
+  else:
+    num_terms = series_terms
+    order = eps.shape[-1]
+    inv_m = 1.0 / jnp.arange(1, num_terms + 1, dtype=jnp.float32)
+    coefficients = jnp.broadcast_to(inv_m, (eps.shape[0], num_terms))
+    coefficients = coefficients.at[:, :order].add(eps)  # [K or 1, N]
+
+    def horner_step(acc, c):
+      return acc * u + c, None
+
+    acc, _ = jax.lax.scan(horner_step, jnp.zeros_like(u), coefficients.T[::-1])
+    series = u * acc  # sum_{m=1}^N c_m u^m
+    neg_entropy = jnp.sum(jax.scipy.special.xlogy(pt, pt), axis=-1)
+    loss = neg_entropy + jnp.sum(pt * series, axis=-1)
+  return nm.apply_where(loss, where)
+
+
+# ------------------------------------------------------------------------------- proxy teacher
+
+
+class ProxyTeacher(NamedTuple):
+  """Result of `proxy_teacher`.
+
+  Attributes:
+    probs: `[..., K]` the proxy-teacher distribution.
+    iterations: `[...]` int32, solver iterations each example needed (`max_iter` if it did not
+      converge).
+    residual: `[...]` final fixed-point residual `||q - p~(q)/S(q)||_1` of `probs`.
+    converged: `[...]` bool, `residual <= tol`.
+    valid: scalar bool, whether `epsilon` passes the validity check (`epsilon_is_valid`).
+  """
+
+  probs: jax.Array
+  iterations: jax.Array
+  residual: jax.Array
+  converged: jax.Array
+  valid: jax.Array
+
+
+def epsilon_is_valid(epsilon, num_classes: int | None = None, *, grid_size: int = 1025):
+  r"""Whether `epsilon` defines a proper, unique proxy teacher (checked on a grid of q).
+
+  With :math:`\rho_k(q) = 1 + q P_k'(1-q)` and :math:`P_k(u) = \sum_m \epsilon_{k,m} u^m`:
+
+  * METHODS.md 1.4: :math:`\tilde p_k = p^t_k \rho_k(q) \ge 0` for every :math:`q \in [0, 1]`;
+    we require :math:`\rho_k > 0`.
+  * Ours: :math:`1 + q^2 P_k''(1-q) > 0`, i.e. each class's term
+    :math:`-\log q + P_k(1-q)` is strictly convex. Then :math:`q/\rho_k(q)` is increasing, the
+    stationarity condition has exactly one solution and it is the minimiser; without it the
+    solver could stop at a saddle.
+
+  Args:
+    epsilon: `[M]` or `[K, M]`.
+    num_classes: K, only used to validate a `[K, M]` epsilon's shape.
+    grid_size: number of equispaced q in [0, 1] (endpoints included).
+
+  Returns:
+    scalar bool array (jit/vmap compatible).
+  """
+  if num_classes is not None:
+    _check_epsilon(epsilon, num_classes)
+  return _epsilon_is_valid(epsilon, grid_size=int(grid_size))
+
+
+@functools.partial(jax.jit, static_argnames=("grid_size",))
+def _epsilon_is_valid(epsilon, *, grid_size):
+  eps = _as_class_rows(epsilon)
+  d1, d2 = _derivative_coefficients(eps)
+  q = jnp.linspace(0.0, 1.0, grid_size, dtype=jnp.float32)[:, None]  # [G, 1]
+  u = 1.0 - q
+  rho = 1.0 + q * _horner(d1, u)
+  convex = 1.0 + q * q * _horner(d2, u)
+  return jnp.all(rho > 0) & jnp.all(convex > 0)
+
+
+def proxy_teacher(teacher_probs, epsilon, *, method="newton", max_iter=None, tol=1e-5,
+                  damping=0.5, strict=True, grid_size=1025):
+  r"""The proxy teacher of PTLoss: :math:`\arg\min_{q \in \Delta} L_{PT}(p^t, q; \epsilon)`.
+
+  METHODS.md 1.4 (derivation ours; the paper's Eqs. 8-9 were not available). Stationarity of
+  :math:`\sum_k p^t_k [-\log q_k + P_k(1 - q_k)]` on the simplex gives the fixed point
+
+  .. math::
+    q_k = \tilde p_k(q) / S(q), \quad
+    \tilde p_k(q) = p^t_k [1 + q_k \sum_m m \epsilon_{k,m} (1-q_k)^{m-1}], \quad
+    S = \sum_k \tilde p_k.
+
+  `p~_k` depends on q only through `q_k`, so with the normaliser `lam = S` as one extra unknown
+  the system `F_k = p~_k(q_k) - lam q_k = 0`, `sum_k q_k = 1` has an arrowhead Jacobian: a
+  Newton step costs O(K) (each class's update is explicit given the scalar step in `lam`).
+
+  Methods:
+    * `"newton"` (default): Newton on `(q, lam)` from `(p^t, S(p^t))`, with q clipped to [0, 1].
+      Converges quadratically; typically 3-6 iterations for epsilons of the default size.
+    * `"fixed_point"`: the damped iteration `q <- (1 - damping) q + damping p~(q)/S(q)` from
+      METHODS.md 1.4; linear convergence, kept for comparison.
+
+  Validity: see `epsilon_is_valid`. With `strict=True` and a concrete (not traced) epsilon an
+  invalid one raises `ValueError`; under `jax.jit`/`vmap` (or with `strict=False`) the `valid`
+  flag of the result is False instead and `probs` is meaningless.
+
+  Args:
+    teacher_probs: `[..., K]` teacher distributions (rows on the simplex; zeros allowed).
+    epsilon: `[M]` shared or `[K, M]` per class; `0` gives back `teacher_probs`.
+    method: `"newton"` or `"fixed_point"`.
+    max_iter: iteration cap (default 50 for Newton, 500 for the fixed point).
+    tol: convergence threshold on the L1 residual `||q - p~(q)/S(q)||_1`. METHODS.md suggests
+      1e-6; in float32 the residual's rounding floor is about `K * 1e-8` (~1e-6 for K = 100), so
+      the default is 1e-5 (Newton's last step usually lands far below it).
+    damping: step size of the fixed-point method.
+    strict: raise on an invalid concrete epsilon (see above).
+    grid_size: size of the q grid of the validity check.
+
+  Returns:
+    a `ProxyTeacher(probs, iterations, residual, converged, valid)`.
+  """
+  val.check_rank(teacher_probs, 1, "teacher_probs")
+  num_classes = jnp.shape(teacher_probs)[-1]
+  _check_epsilon(epsilon, num_classes)
+  if method not in ("newton", "fixed_point"):
+    raise ValueError(f"method must be 'newton' or 'fixed_point', got {method!r}.")
+  if max_iter is None:
+    max_iter = 50 if method == "newton" else 500
+  if strict and not isinstance(epsilon, jax.core.Tracer):
+    if not bool(epsilon_is_valid(epsilon, grid_size=grid_size)):
+      raise ValueError(
+          f"epsilon (shape {tuple(jnp.shape(epsilon))}) does not define a valid proxy teacher: "
+          "1 + q * sum_m m eps_m (1-q)^(m-1) > 0 and 1 + q^2 P''(1-q) > 0 must hold for every "
+          "q in [0, 1] (METHODS.md 1.4). Use smaller coefficients, or strict=False to get a "
+          "`valid` flag instead."
+      )
+  return _proxy_teacher(teacher_probs, epsilon, tol, damping, method=method,
+                        max_iter=int(max_iter), grid_size=int(grid_size))
+
+
+def _tilde(pt, q, d1):
+  """p~(q) = p^t * (1 + q P'(1-q))."""
+  return pt * (1.0 + q * _horner(d1, 1.0 - q))
+
+
+def _residual(q, tilde):
+  s = jnp.sum(tilde, axis=-1, keepdims=True)
+  return jnp.sum(jnp.abs(q - tilde / jnp.where(s > 0, s, 1.0)), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "max_iter", "grid_size"))
+def _proxy_teacher(teacher_probs, epsilon, tol, damping, *, method, max_iter, grid_size):
+  pt = nm.to_float32(teacher_probs)
+  eps = _as_class_rows(epsilon)
+  d1, d2 = _derivative_coefficients(eps)
+  valid = _epsilon_is_valid(epsilon, grid_size=grid_size)
+  batch_shape = pt.shape[:-1]
+
+  def newton_step(q, lam, tilde):
+    u = 1.0 - q
+    drho = _horner(d1, u) - q * _horner(d2, u)  # rho'(q) = P'(u) - q P''(u)
+    f = tilde - lam * q
+    # dF/dq_k = p^t_k rho'(q_k) - lam, negative near the solution of a valid epsilon; keep it so.
+    d = jnp.minimum(pt * drho - lam, -1e-6 * lam)
+    r = 1.0 - jnp.sum(q, axis=-1, keepdims=True)
+    dlam = (r + jnp.sum(f / d, axis=-1, keepdims=True)) / jnp.sum(q / d, axis=-1, keepdims=True)
+    q_new = jnp.clip(q + (q * dlam - f) / d, 0.0, 1.0)
+    return q_new, jnp.maximum(lam + dlam, 1e-12)
+
+  def body(state):
+    it, q, lam, iters, _ = state
+    tilde = _tilde(pt, q, d1)
+    res = _residual(q, tilde)
+    active = res > tol
+    if method == "newton":
+      q_new, lam_new = newton_step(q, lam, tilde)
+    else:
+      s = jnp.sum(tilde, axis=-1, keepdims=True)
+      q_new = (1.0 - damping) * q + damping * tilde / jnp.where(s > 0, s, 1.0)
+      lam_new = lam
+    q = jnp.where(active[..., None], q_new, q)
+    lam = jnp.where(active[..., None], lam_new, lam)
+    return it + 1, q, lam, iters + active.astype(jnp.int32), jnp.any(active)
+
+  def cond(state):
+    it, *_, any_active = state
+    return (it < max_iter) & any_active
+
+  lam0 = jnp.sum(_tilde(pt, pt, d1), axis=-1, keepdims=True)
+  init = (jnp.int32(0), pt, lam0, jnp.zeros(batch_shape, jnp.int32), jnp.bool_(True))
+  _, q, _, iters, _ = jax.lax.while_loop(cond, body, init)
+  q = q / jnp.maximum(jnp.sum(q, axis=-1, keepdims=True), 1e-30)
+  residual = _residual(q, _tilde(pt, q, d1))
+  return ProxyTeacher(q, iters, residual, residual <= tol, valid)
