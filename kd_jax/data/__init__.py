@@ -1,5 +1,10 @@
 """Data: the offline digits dataset, TFDS sources, Grain pipelines, augmentation, teacher caches."""
 
+from kd_jax.data import augment
+from kd_jax.data import teacher_cache
+from kd_jax.data.augment import cifar_eval_transform
+from kd_jax.data.augment import cifar_train_augment
+from kd_jax.data.augment import compose
 from kd_jax.data.digits import DatasetSplits
 from kd_jax.data.digits import load_digits
 from kd_jax.data.pipeline import ArraySource
@@ -7,12 +12,7 @@ from kd_jax.data.pipeline import batches
 from kd_jax.data.pipeline import eval_batches
 from kd_jax.data.pipeline import example_rng
 from kd_jax.data.pipeline import steps_per_epoch
-from kd_jax.data import augment
-from kd_jax.data.augment import cifar_eval_transform
-from kd_jax.data.augment import cifar_train_augment
-from kd_jax.data.augment import compose
 from kd_jax.data.sources import CIFAR_NUM_CLASSES
 from kd_jax.data.sources import DatasetUnavailableError
 from kd_jax.data.sources import cifar
 from kd_jax.data.sources import tfds_source
-from kd_jax.data import teacher_cache
