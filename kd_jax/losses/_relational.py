@@ -24,9 +24,10 @@ from kd_jax.losses._numerics import safe_sqrt
 from kd_jax.losses._numerics import to_float32
 from kd_jax.losses._validation import check_batch_match
 from kd_jax.losses._validation import check_rank
+from kd_jax.losses._validation import check_same_shape
 from kd_jax.losses._validation import check_where
 
-__all__ = ["gram", "sp"]
+__all__ = ["gram", "sp", "rkd", "pkt", "cc"]
 
 
 def _layer_pairs(student, teacher, student_name, teacher_name):
@@ -126,3 +127,203 @@ def sp(student_features, teacher_features, *, where=None):
   pairs = _layer_pairs(student_features, teacher_features, "student_features",
                        "teacher_features")
   return sum(_sp_one(s, t, where) for s, t in pairs)
+
+
+def _pair_mask(where, b):
+  """[b, b] float mask of pairs of valid rows (all ones when `where` is None)."""
+  if where is None:
+    return jnp.ones((b, b), jnp.float32)
+  w = where.astype(jnp.float32)
+  return w[:, None] * w[None, :]
+
+
+def _huber(x):
+  """Smooth L1 with beta = 1 (torch `F.smooth_l1_loss`, elementwise): the Huber loss, delta 1."""
+  ax = jnp.abs(x)
+  return jnp.where(ax < 1.0, 0.5 * jnp.square(x), ax - 0.5)
+
+
+def _rkd_differences(e, where):
+  """diff[i, j] = e_j - e_i ([b, b, d], the reference's `td`), zero for pairs with a masked row."""
+  diff = e[None, :, :] - e[:, None, :]
+  if where is not None:
+    diff = jnp.where(where[:, None, None] & where[None, :, None], diff, 0.0)
+  return diff
+
+
+def _rkd_distances(diff, pair):
+  """Pairwise distances of RepDistiller `RKDLoss.pdist`, divided by their mean over valid pairs.
+
+  The squared distances are clamped at 1e-12 before the square root (so a duplicate row is at
+  distance 1e-6 with a zero gradient, never NaN), the diagonal is 0 and the mean runs over the
+  off-diagonal pairs of valid rows (the reference's `d[d > 0]`). The squared distances are summed
+  from the explicit differences (which the angle term needs anyway) rather than expanded as
+  |x|^2 + |y|^2 - 2<x, y>: the same value, without the cancellation that turns duplicate rows
+  into float32 noise.
+  """
+  b = diff.shape[0]
+  off = pair * (1.0 - jnp.eye(b, dtype=jnp.float32))
+  d = safe_sqrt(jnp.sum(jnp.square(diff), axis=-1), eps=1e-6) * off
+  n = jnp.sum(off)
+  mean = jnp.sum(d) / jnp.maximum(n, 1.0)
+  return d / jnp.where(n > 0, mean, 1.0)
+
+
+def _rkd_angles(diff):
+  """cos of the angle at i between j and k: <unit(e_j - e_i), unit(e_k - e_i)>, [b, b, b]."""
+  unit = l2_normalize(diff, axis=-1)
+  return jnp.einsum("ijd,ikd->ijk", unit, unit, preferred_element_type=jnp.float32)
+
+
+def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
+        angle_weight: float = 50.0, where=None):
+  """Relational KD: distance-wise plus angle-wise smooth-L1 between the batch's relations.
+
+  With psi_D(i, j) = ||e_i - e_j|| / mu (mu the mean distance over pairs i != j) and
+  psi_A(i, j, k) = <(e_j - e_i) / ||e_j - e_i||, (e_k - e_i) / ||e_k - e_i||>:
+
+    L = distance_weight * mean_{i,j} huber(psi_D^S - psi_D^T)
+        + angle_weight * mean_{i,j,k} huber(psi_A^S - psi_A^T),
+
+  with the Huber loss of delta 1 (torch `smooth_l1_loss`) averaged over all b^2 (b^3) entries,
+  diagonal included, as the reference does. The teacher side is under `stop_gradient`.
+
+  Paper: W. Park, D. Kim, Y. Lu, M. Cho, "Relational Knowledge Distillation", CVPR 2019.
+  Reference: HobbitLong/RepDistiller `distiller_zoo/RKD.py` (`RKDLoss(w_d=25, w_a=50)`), applied
+  to the pooled penultimate features (`feat[-1]`) with loss weight `-b 1` and CE weight 1.
+
+  Numerics: squared distances are clamped at 1e-12 before the square root and difference vectors
+  are normalised by max(||v||, 1e-12), exactly as the reference, so duplicate or zero rows give
+  finite values and gradients. With fewer than two valid rows the distance normaliser is 1
+  (the reference divides by the mean of an empty set, NaN) and the loss is 0.
+
+  Args:
+    student_embed: [b, ...] student features (flattened to [b, d_s]).
+    teacher_embed: [b, ...] teacher features (flattened to [b, d_t]); d_t may differ from d_s.
+    distance_weight: weight of the distance term (RepDistiller `w_d`).
+    angle_weight: weight of the angle term (RepDistiller `w_a`).
+    where: optional boolean [b] row mask; masked rows are excluded from every pair and triple and
+      the means run over b_valid^2 and b_valid^3 entries.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  check_rank(student_embed, 2, "student_embed")
+  check_rank(teacher_embed, 2, "teacher_embed")
+  check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
+  b = jnp.shape(student_embed)[0]
+  check_where(where, (b,))
+  s = to_float32(_flatten_rows(student_embed, where))
+  t = jax.lax.stop_gradient(to_float32(_flatten_rows(teacher_embed, where)))
+  pair = _pair_mask(where, b)
+  n = masked_count(where, b)
+
+  diff_s, diff_t = _rkd_differences(s, where), _rkd_differences(t, where)
+  d_s, d_t = _rkd_distances(diff_s, pair), _rkd_distances(diff_t, pair)
+  loss_d = jnp.sum(pair * _huber(d_s - d_t)) / (n * n)
+
+  a_s, a_t = _rkd_angles(diff_s), _rkd_angles(diff_t)
+  # Masked triples have zero difference vectors on both sides: their terms are exactly 0.
+  loss_a = jnp.sum(_huber(a_s - a_t)) / (n * n * n)
+  return distance_weight * loss_d + angle_weight * loss_a
+
+
+def _pkt_similarity(x, where, eps):
+  """Row-stochastic [b, b] matrix of PKT: (cos + 1) / 2, normalised over the valid columns."""
+  norm = safe_sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  x = x / (norm + eps)
+  cos = jnp.matmul(x, x.T, preferred_element_type=jnp.float32)
+  p = (cos + 1.0) / 2.0
+  if where is not None:
+    p = p * _pair_mask(where, x.shape[0])
+  row = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(row > 0, row, 1.0)
+
+
+def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None):
+  """Probabilistic Knowledge Transfer: KL-like divergence of cosine-similarity distributions.
+
+  x_i <- x_i / (||x_i|| + eps); P_ij = ((<x_i, x_j> + 1) / 2) / sum_k ((<x_i, x_k> + 1) / 2), the
+  same for the student (Q); then
+
+    L = mean_{i,j} P_ij * log((P_ij + eps) / (Q_ij + eps)),
+
+  the mean over all b^2 entries (not a sum over j), as the reference. The teacher side is under
+  `stop_gradient`.
+
+  Paper: N. Passalis, A. Tefas, "Learning Deep Representations with Probabilistic Knowledge
+  Transfer", ECCV 2018. Reference: HobbitLong/RepDistiller `distiller_zoo/PKT.py`
+  (`PKT.cosine_similarity_loss`, from the authors' code), applied to the pooled penultimate
+  features (`feat[-1]`) with loss weight `-b 30000`.
+
+  Args:
+    student_embed: [b, ...] student features (flattened to [b, d_s]).
+    teacher_embed: [b, ...] teacher features (flattened to [b, d_t]); d_t may differ from d_s.
+    eps: the reference's 1e-7, added to the norms and inside the log.
+    where: optional boolean [b] row mask; masked rows and columns are dropped before the row
+      normalisation and the mean runs over b_valid^2 entries.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  check_rank(student_embed, 2, "student_embed")
+  check_rank(teacher_embed, 2, "teacher_embed")
+  check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
+  b = jnp.shape(student_embed)[0]
+  check_where(where, (b,))
+  s = to_float32(_flatten_rows(student_embed, where))
+  t = jax.lax.stop_gradient(to_float32(_flatten_rows(teacher_embed, where)))
+  q = _pkt_similarity(s, where, eps)
+  p = _pkt_similarity(t, where, eps)
+  terms = p * (jnp.log(p + eps) - jnp.log(q + eps))
+  n = masked_count(where, b)
+  return jnp.sum(terms) / (n * n)
+
+
+def cc(student_embed, teacher_embed, *, where=None):
+  """Correlation congruence loss exactly as RepDistiller's `Correlation` (a simplified form).
+
+  With delta_i = |e^S_i - e^T_i| (elementwise), the reference computes
+
+    L = mean_{i=0..b-2} sum_d delta_i[d] * delta_{i+1}[d],
+
+  i.e. the inner product of the absolute embedding errors of CONSECUTIVE samples in the batch. It
+  is not the paper's ||C_T - C_S||^2 over full b x b correlation matrices (with a Gaussian-RBF
+  kernel); we reproduce the code the RepDistiller benchmark was run with.
+
+  Paper: B. Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019.
+  Reference: HobbitLong/RepDistiller `distiller_zoo/CC.py` (`Correlation`, code from the
+  authors). RepDistiller feeds it the penultimate features of both networks through two TRAINABLE
+  128-d linear embeddings (`LinearEmbed`, `--feat_dim 128`, both in the optimiser) and weights it
+  with `-b 0.02`; the embeddings and the weight are the caller's. Since the teacher's embedding is
+  trained too, this loss does NOT stop the teacher side's gradient: stop the teacher backbone's
+  features before embedding them.
+
+  Args:
+    student_embed: [b, d] embedded student features.
+    teacher_embed: [b, d] embedded teacher features, the same shape.
+    where: optional boolean [b] row mask. Valid rows are taken in order (masked ones skipped), so
+      the value equals the reference on the valid rows alone; normalised by max(b_valid - 1, 1).
+
+  Returns:
+    Scalar float32 loss (0 for fewer than two valid rows; the reference returns NaN for b = 1).
+  """
+  check_rank(student_embed, 2, "student_embed")
+  check_same_shape(student_embed, teacher_embed, "student_embed", "teacher_embed")
+  b = jnp.shape(student_embed)[0]
+  check_where(where, (b,))
+  s = to_float32(_flatten_rows(student_embed, where))
+  t = to_float32(_flatten_rows(teacher_embed, where))
+  delta = jnp.abs(s - t)
+  if where is None:
+    pair_valid = jnp.ones((b - 1,), jnp.float32)
+    n_pairs = jnp.asarray(max(b - 1, 1), jnp.float32)
+  else:
+    # Move the valid rows to the front, in order (a static-shape compaction).
+    order = jnp.argsort(~where, stable=True)
+    delta = delta[order]
+    n_valid = jnp.sum(where.astype(jnp.int32))
+    pair_valid = (jnp.arange(b - 1) + 1 < n_valid).astype(jnp.float32)
+    n_pairs = jnp.maximum(n_valid - 1, 1).astype(jnp.float32)
+  per_pair = jnp.sum(delta[:-1] * delta[1:], axis=-1)
+  return jnp.sum(per_pair * pair_valid) / n_pairs

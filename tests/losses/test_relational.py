@@ -16,6 +16,10 @@ from kd_jax import losses
 from kd_jax.losses import _relational as rel
 
 
+# Jitted once per test process: eager dispatch of RKD's b^3 angle tensor is slow on shared CPUs.
+_JIT = {name: jax.jit(getattr(losses, name)) for name in ("sp", "rkd", "pkt", "cc")}
+
+
 def _nhwc(x_nchw):
   return jnp.asarray(np.transpose(x_nchw, (0, 2, 3, 1)), jnp.float32)
 
@@ -98,7 +102,7 @@ def test_sp_all_false_mask_is_zero_with_zero_gradient():
   s, t = jnp.ones((3, 4)), jnp.arange(12.0).reshape(3, 4)
   where = jnp.zeros((3,), bool)
   assert float(losses.sp(s, t, where=where)) == 0.0
-  g = jax.grad(lambda s: losses.sp(s, t, where=where))(s)
+  g = jax.jit(jax.grad(lambda s: losses.sp(s, t, where=where)))(s)
   assert np.all(g == 0)
 
 
@@ -109,9 +113,9 @@ def test_sp_zero_rows_and_large_inputs_are_finite():
   t = rng.normal(size=(4, 2, 2, 5)) * 1e4
   t[2] = 0.0
   s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
-  val, g = jax.value_and_grad(losses.sp)(s, t)
+  val, g = jax.jit(jax.value_and_grad(losses.sp))(s, t)
   assert np.isfinite(val) and np.all(np.isfinite(g))
-  g0 = jax.grad(losses.sp)(jnp.zeros((4, 3)), jnp.zeros((4, 3)))
+  g0 = jax.jit(jax.grad(losses.sp))(jnp.zeros((4, 3)), jnp.zeros((4, 3)))
   assert np.all(np.isfinite(g0))
 
 
@@ -133,7 +137,7 @@ def test_sp_teacher_gets_no_gradient_and_student_gradient_checks():
                   else jnp.float32)
   t = jnp.asarray(rng.normal(size=(3, 5)), s.dtype)
   assert np.all(jax.grad(losses.sp, argnums=1)(s, t) == 0)
-  check_grads(lambda s: losses.sp(s, t), (s,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+  check_grads(jax.jit(lambda s: losses.sp(s, t)), (s,), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
 
 def test_sp_jit_and_vmap():
@@ -187,3 +191,172 @@ def test_sp_is_not_invariant_to_one_sample_scale():
   assert not np.allclose(losses.gram(jnp.asarray(q2))[0], losses.gram(jnp.asarray(q))[0])
   np.testing.assert_allclose(losses.gram(jnp.asarray(q2))[0], [2 / np.sqrt(5), 1 / np.sqrt(5)],
                              rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# RKD, PKT, CC: numpy float64 references
+
+
+def _np_smooth_l1(x):
+  ax = np.abs(x)
+  return np.where(ax < 1.0, 0.5 * x * x, ax - 0.5).mean()
+
+
+def _np_pdist(e):
+  sq = (e**2).sum(1)
+  res = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * e @ e.T, 1e-12))
+  np.fill_diagonal(res, 0.0)
+  return res
+
+
+def _np_angles(e):
+  diff = e[None, :, :] - e[:, None, :]
+  unit = diff / np.maximum(np.linalg.norm(diff, axis=2, keepdims=True), 1e-12)
+  return np.einsum("ijd,ikd->ijk", unit, unit).reshape(-1)
+
+
+def _np_rkd(s, t, w_d=25.0, w_a=50.0):
+  s, t = s.reshape(len(s), -1), t.reshape(len(t), -1)
+  t_d = _np_pdist(t)
+  t_d = t_d / t_d[t_d > 0].mean()
+  d = _np_pdist(s)
+  d = d / d[d > 0].mean()
+  return w_d * _np_smooth_l1(d - t_d) + w_a * _np_smooth_l1(_np_angles(s) - _np_angles(t))
+
+
+def _np_pkt(s, t, eps=1e-7):
+  def sim(x):
+    x = x / (np.sqrt((x**2).sum(1, keepdims=True)) + eps)
+    m = (x @ x.T + 1.0) / 2.0
+    return m / m.sum(1, keepdims=True)
+  q, p = sim(s), sim(t)
+  return np.mean(p * np.log((p + eps) / (q + eps)))
+
+
+def _np_cc(s, t):
+  delta = np.abs(s - t)
+  return np.mean((delta[:-1] * delta[1:]).sum(1))
+
+
+_REFS = {"rkd": _np_rkd, "pkt": _np_pkt}
+
+
+@pytest.mark.parametrize("name", ["rkd", "pkt"])
+def test_embedding_losses_match_repdistiller(name):
+  rng = np.random.default_rng(10)
+  s, t = rng.normal(size=(7, 5)), rng.normal(size=(7, 9)) * 3.0
+  got = _JIT[name](jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32))
+  np.testing.assert_allclose(got, _REFS[name](s, t), rtol=1e-5)
+
+
+def test_rkd_weights_and_duplicate_rows():
+  rng = np.random.default_rng(11)
+  s, t = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
+  s[3] = s[1]  # duplicate student rows: distance clamped to 1e-6, angle vectors zero
+  got = _JIT["rkd"](jnp.asarray(s), jnp.asarray(t), distance_weight=2.0, angle_weight=0.5)
+  np.testing.assert_allclose(got, _np_rkd(s, t, 2.0, 0.5), rtol=1e-5)
+  g = jax.jit(jax.grad(losses.rkd))(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32))
+  assert np.all(np.isfinite(g))
+
+
+def test_rkd_hand_case_distance_only():
+  # Student points on a line 0, 1, 2 -> distances (1, 2, 1)/mean(4/3); teacher 0, 1, 3 ->
+  # (1, 3, 2)/2. Angle term off.
+  s = jnp.array([[0.0], [1.0], [2.0]])
+  t = jnp.array([[0.0], [1.0], [3.0]])
+  ds = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]]) / (8 / 6)
+  dt = np.array([[0, 1, 3], [1, 0, 2], [3, 2, 0]]) / 2.0
+  x = np.abs(ds - dt)
+  want = np.where(x < 1, 0.5 * x * x, x - 0.5).sum() / 9
+  got = _JIT["rkd"](s, t, distance_weight=1.0, angle_weight=0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_pkt_hand_case():
+  # Orthonormal student rows: cos = I -> (I + 1)/2 = [[1, .5], [.5, 1]] -> rows (2/3, 1/3).
+  # Identical teacher rows: all cos 1 -> rows (1/2, 1/2).
+  s = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  t = jnp.array([[2.0, 0.0], [3.0, 0.0]])
+  eps = 1e-7
+  p, q = 0.5, np.array([2 / 3, 1 / 3])
+  want = np.sum(p * np.log((p + eps) / (q + eps))) * 2 / 4
+  np.testing.assert_allclose(losses.pkt(s, t), want, rtol=1e-5)
+
+
+def test_cc_matches_repdistiller_and_hand_case():
+  rng = np.random.default_rng(12)
+  s, t = rng.normal(size=(6, 8)), rng.normal(size=(6, 8))
+  np.testing.assert_allclose(losses.cc(jnp.asarray(s), jnp.asarray(t)), _np_cc(s, t), rtol=1e-5)
+  # delta = [[1, 2], [3, 1], [0, 2]]: consecutive products 1*3 + 2*1 = 5 and 0 + 2 = 2 -> 3.5.
+  s = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.0, 2.0]])
+  np.testing.assert_allclose(losses.cc(s, jnp.zeros((3, 2))), 3.5, rtol=1e-6)
+  # The teacher embedding is trainable in RepDistiller: it must receive a gradient.
+  assert np.any(jax.grad(losses.cc, argnums=1)(s, jnp.zeros((3, 2))) != 0)
+
+
+@pytest.mark.parametrize("name", ["rkd", "pkt", "cc"])
+def test_masked_rows_equal_loss_on_valid_rows(name):
+  rng = np.random.default_rng(13)
+  s, t = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+  where = np.array([True, False, True, True, False, True])
+  ref = {"rkd": _np_rkd, "pkt": _np_pkt, "cc": _np_cc}[name]
+  got = _JIT[name](jnp.asarray(s), jnp.asarray(t), where=jnp.asarray(where))
+  np.testing.assert_allclose(got, ref(s[where], t[where]), rtol=1e-5)
+  s_bad = s.copy()
+  s_bad[4] = 1e30
+  got_bad = _JIT[name](jnp.asarray(s_bad), jnp.asarray(t), where=jnp.asarray(where))
+  np.testing.assert_allclose(got_bad, got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sp", "rkd", "pkt", "cc"])
+def test_degenerate_inputs_finite_values_and_gradients(name):
+  fn = getattr(losses, name)
+  # One compiled function per dtype (eager gradients of RKD's b^3 angles are slow to dispatch).
+  value_and_grad = jax.jit(jax.value_and_grad(fn))
+  masked = jax.jit(jax.value_and_grad(lambda s, t, w: fn(s, t, where=w)))
+  rng = np.random.default_rng(14)
+  s = rng.normal(size=(4, 6)) * 1e4
+  t = rng.normal(size=(4, 6)) * 1e4
+  s[0] = 0.0
+  t[2] = 0.0
+  s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+  for args in [(s, t), (jnp.zeros_like(s), jnp.zeros_like(t)), (s.astype(jnp.bfloat16),
+                                                              t.astype(jnp.bfloat16))]:
+    val, g = value_and_grad(*args)
+    assert val.dtype == jnp.float32 and np.isfinite(val), (name, val)
+    assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+  none = jnp.zeros((4,), bool)
+  val, g = masked(s, t, none)
+  assert float(val) == 0.0 and np.all(g == 0)
+  one = jnp.array([False, True, False, False])
+  val, g = masked(s, t, one)
+  assert np.isfinite(val) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("name", ["rkd", "pkt", "cc"])
+def test_gradients_check_and_vmap(name):
+  fn = getattr(losses, name)
+  rng = np.random.default_rng(15)
+  s = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  check_grads(jax.jit(lambda s: fn(s, t)), (s,), order=1, modes=("rev",), atol=2e-2,
+              rtol=2e-2)
+  ss = rng.normal(size=(2, 4, 3))
+  tt = rng.normal(size=(2, 4, 3))
+  batched = jax.jit(jax.vmap(fn))(jnp.asarray(ss, jnp.float32), jnp.asarray(tt, jnp.float32))
+  ref = {"rkd": _np_rkd, "pkt": _np_pkt, "cc": _np_cc}[name]
+  np.testing.assert_allclose(batched, [ref(ss[i], tt[i]) for i in range(2)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rkd", "pkt"])
+def test_teacher_side_gets_no_gradient(name):
+  s, t = jnp.ones((3, 2)) * jnp.arange(3.0)[:, None], jnp.eye(3)[:, :2] + 0.1
+  assert np.all(jax.jit(jax.grad(getattr(losses, name), argnums=1))(s, t) == 0)
+
+
+def test_embedding_shape_errors_name_both_shapes():
+  for fn in (losses.rkd, losses.pkt):
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(5, 3\)"):
+      fn(jnp.ones((4, 3)), jnp.ones((5, 3)))
+  with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 5\)"):
+    losses.cc(jnp.ones((4, 3)), jnp.ones((4, 5)))
