@@ -25,6 +25,8 @@ from kd_jax.train.terms import Outputs, Term, TermContext, evaluate_terms, needs
 
 def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
   """Runs an NNX classifier given as pytrees; returns (Outputs, updated non-param state)."""
+  # Fresh Variable objects owned by the current trace (BatchNorm mutates its statistics).
+  params, model_state = jax.tree.map(lambda v: v, (params, model_state))
   model = nnx.merge(graphdef, params, model_state)
   logits, features = model(x, train=train)
   return Outputs(logits, dict(features)), nnx.state(model, nnx.Not(nnx.Param))

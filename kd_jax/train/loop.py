@@ -1,0 +1,270 @@
+"""The training loop: steps, progress bar, metrics, periodic evaluation, checkpoints and resume.
+
+`fit` drives a per-device step (`kd_jax.train.step.make_train_step`) over the devices of a mesh
+(`jax.shard_map` under `jax.jit`, the default), under `jax.pmap`, or on one device. It writes to
+`workdir`:
+
+    metrics.jsonl         one JSON object per logged step or evaluation
+    tensorboard/          TensorBoard event files (tensorboardX)
+    checkpoints/<step>/   Orbax checkpoints of the full student state every `checkpoint_every`
+                          steps and at the end
+
+and, when restarted with the same workdir, resumes from the last checkpoint: the state (params,
+batch statistics, optimizer state, step, rng, extra) is restored and the data iterator restarts
+at that step (`train_batches(start_step)`), so an interrupted and resumed run ends with the same
+parameters as an uninterrupted one (tests/train/test_loop.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from kd_jax import parallel
+from kd_jax.train.state import TrainState
+
+Batch = Mapping[str, Any]
+Hook = Callable[[int, TrainState, Mapping[str, float]], None]
+MODES = ("shard_map", "pmap", "none")
+
+
+class StopTraining(Exception):
+  """Raised by a hook to interrupt `fit` (as a pre-emption would); the last checkpoint stays."""
+
+
+def stop_after(num_steps: int) -> Hook:
+  """A hook that raises `StopTraining` once the state reaches step `num_steps`."""
+
+  def hook(step, state, metrics):
+    del state, metrics
+    if step >= num_steps:
+      raise StopTraining(f"stopped at step {step}")
+
+  return hook
+
+
+# ---------------------------------------------------------------------- checkpoint codec
+
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_saveable(state: TrainState) -> dict[str, Any]:
+  """The state's leaves as {"000000": array, ...}; PRNG keys as their raw key data."""
+  leaves = jax.tree.leaves(state)
+  return {f"{i:06d}": (jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
+
+
+def _from_saved(template: TrainState, saved: Mapping[str, Any]) -> TrainState:
+  leaves, treedef = jax.tree.flatten(template)
+  out = []
+  for i, t in enumerate(leaves):
+    x = saved[f"{i:06d}"]
+    out.append(jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _abstract_saveable(state: TrainState, sharding) -> dict[str, Any]:
+  def abstract(x):
+    x = jax.random.key_data(x) if _is_key(x) else x
+    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=sharding)
+
+  return {k: abstract(v) for k, v in zip(_to_saveable(state).keys(), jax.tree.leaves(state))}
+
+
+class Checkpointer:
+  """Orbax `CheckpointManager` of the student state under `<workdir>/checkpoints`."""
+
+  def __init__(self, directory: str, *, every: int, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.every = every
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def due(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
+  def save(self, step: int, state: TrainState) -> None:
+    """Writes `state` (whose step is `step`) unless that step is already saved."""
+    if step not in self.manager.all_steps():
+      self.manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)), force=True)
+
+  def restore(self, template: TrainState, sharding=None) -> TrainState:
+    """Restores the latest checkpoint into the structure (and sharding) of `template`."""
+    step = self.manager.latest_step()
+    target = _abstract_saveable(template, sharding)
+    meta = self.manager.item_metadata(step)
+    saved_keys = set(meta.keys()) if hasattr(meta, "keys") else set(target)
+    if saved_keys != set(target):
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} holds {len(saved_keys)} arrays but this run's "
+          f"state has {len(target)}: was the workdir written by another config (model, loss or "
+          "optimizer)? Use a fresh --workdir.")
+    try:
+      saved = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except ValueError as e:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's state "
+                       f"(another config in the same workdir?): {e}") from e
+    return _from_saved(template, saved)
+
+  def close(self):
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------- metric writers
+
+class MetricWriter:
+  """JSON lines + TensorBoard scalars, written by process 0 only."""
+
+  def __init__(self, workdir: str | None, name: str):
+    self.active = workdir is not None and jax.process_index() == 0
+    self.name = name
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    record = {"run": self.name, "split": split, "step": int(step),
+              **{k: float(v) for k, v in metrics.items()}}
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+  def close(self) -> None:
+    if self.active:
+      self.jsonl.close()
+      self.tb.close()
+
+
+# ---------------------------------------------------------------------- the loop
+
+def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
+        train_batches: Callable[[int], Iterator[Batch]], *, num_steps: int,
+        teacher_variables: Any = None, mode: str = "shard_map",
+        mesh: jax.sharding.Mesh | None = None, workdir: str | None = None,
+        name: str = "train", checkpoint_every: int = 0, log_every: int = 50,
+        eval_every: int = 0, eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
+        hooks: Sequence[Hook] = (), progress: bool = True) -> tuple[TrainState, list[dict]]:
+  """Trains `state` for `num_steps` steps (resuming from `workdir/checkpoints` if present).
+
+  Args:
+    state: the initial train state (host or single-device arrays); replaced by the last
+      checkpoint when one exists.
+    step_fn: the per-device step `step(state, batch[, teacher_variables])`, built with
+      `axis_name="batch"` for "shard_map"/"pmap" and `axis_name=None` for "none".
+    train_batches: `train_batches(start_step)` -> iterator of host-local batches from that step
+      on (e.g. `functools.partial(kd_jax.data.batches, arrays, batch_size=..., seed=...)` as
+      `lambda s: batches(..., start_step=s)`).
+    num_steps: total number of steps (the run ends when the state's step reaches it).
+    teacher_variables: the frozen teacher's variables, passed to every step (None: no teacher).
+    mode: "shard_map" (default: `jax.shard_map` under `jax.jit`), "pmap" or "none" (one device).
+    mesh: the device mesh for "shard_map" (default: all devices).
+    workdir: where metrics, TensorBoard events and checkpoints go (None: nothing is written and
+      there is no resume).
+    name: the run's name in the metrics and TensorBoard.
+    checkpoint_every: save every this many steps (0: only at the end); needs `workdir`.
+    log_every: write training metrics every this many steps.
+    eval_every: call `eval_fn(state)` every this many steps and at the end (0: only at the end).
+    eval_fn: evaluation `eval_fn(state) -> {metric: value}` (e.g. val accuracy), or None.
+    hooks: `hook(step, state, metrics)` called after every step (e.g. `stop_after(n)`).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    (final state as host-addressable single-copy arrays, history: a list of metric records).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  history: list[dict] = []
+  writer = MetricWriter(workdir, name)
+  ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"), every=checkpoint_every)
+          if workdir is not None else None)
+  args = () if teacher_variables is None else (teacher_variables,)
+
+  if mode == "shard_map":
+    mesh = mesh or parallel.make_mesh()
+    sharding = parallel.replicated_sharding(mesh)
+    run = parallel.data_parallel(step_fn, mesh)
+    put_state = lambda s: parallel.replicate(s, mesh)  # noqa: E731
+    put_batch = lambda b: parallel.shard_batch(b, mesh)  # noqa: E731
+    args = parallel.replicate(args, mesh)
+    host_state = lambda s: s  # noqa: E731
+  elif mode == "pmap":
+    n = jax.local_device_count()
+    sharding = None
+    run = parallel.pmap_parallel(step_fn)
+    put_state = lambda s: parallel.stack_for_pmap(s, n)  # noqa: E731
+    put_batch = lambda b: parallel.split_for_pmap(b, n)  # noqa: E731
+    args = parallel.stack_for_pmap(args, n)
+    host_state = parallel.unstack_from_pmap
+  else:
+    sharding = None
+    run = jax.jit(step_fn, donate_argnums=(0,))
+    put_state = lambda s: jax.tree.map(lambda x: jnp.array(x, copy=True), s)  # noqa: E731
+    put_batch = lambda b: b  # noqa: E731
+    host_state = lambda s: s  # noqa: E731
+
+  if ckpt is not None and ckpt.latest_step() is not None:
+    state = ckpt.restore(state, sharding)
+  start = int(jax.device_get(state.step))
+  dev_state = put_state(state)
+  bar = tqdm.tqdm(total=num_steps, initial=start, desc=name, disable=not progress,
+                  dynamic_ncols=True, leave=False)
+  t0, last_log = time.perf_counter(), start
+  try:
+    if start < num_steps:
+      for step, batch in zip(range(start + 1, num_steps + 1), train_batches(start)):
+        dev_state, metrics = run(dev_state, put_batch(batch), *args)
+        if mode == "pmap":
+          metrics = parallel.unstack_from_pmap(metrics)
+        logged = None
+        if step % max(log_every, 1) == 0 or step == num_steps:
+          logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          dt = time.perf_counter() - t0
+          logged["steps_per_sec"] = (step - last_log) / max(dt, 1e-9)
+          t0, last_log = time.perf_counter(), step
+          writer.write(step, "train", logged)
+          history.append({"step": step, "split": "train", **logged})
+          bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}")
+        if eval_fn is not None and eval_every and step % eval_every == 0 and step != num_steps:
+          _evaluate(eval_fn, host_state(dev_state), step, writer, history)
+        if ckpt is not None and (ckpt.due(step) or step == num_steps):
+          ckpt.save(step, host_state(dev_state))
+        bar.update(1)
+        for hook in hooks:
+          hook(step, dev_state, logged or {})
+      if int(jax.device_get(host_state(dev_state).step)) < num_steps:
+        raise ValueError(f"train_batches ran out before step {num_steps}.")
+    final = host_state(dev_state)
+    if eval_fn is not None:
+      _evaluate(eval_fn, final, num_steps, writer, history)
+    return final, history
+  finally:
+    bar.close()
+    writer.close()
+    if ckpt is not None:
+      ckpt.close()
+
+
+def _evaluate(eval_fn, state, step, writer, history):
+  results = dict(eval_fn(state))
+  split = str(results.pop("split", "eval"))
+  writer.write(step, split, results)
+  history.append({"step": step, "split": split, **results})
