@@ -287,6 +287,7 @@ def _residual(q, tilde):
 @functools.partial(jax.jit, static_argnames=("method", "max_iter", "grid_size"))
 def _proxy_teacher(teacher_probs, epsilon, tol, damping, *, method, max_iter, grid_size):
   pt = nm.to_float32(teacher_probs)
+  pt = pt / jnp.maximum(jnp.sum(pt, axis=-1, keepdims=True), 1e-30)
   eps = _as_class_rows(epsilon)
   d1, d2 = _derivative_coefficients(eps)
   valid = _epsilon_is_valid(epsilon, grid_size=grid_size)
@@ -314,6 +315,8 @@ def _proxy_teacher(teacher_probs, epsilon, tol, damping, *, method, max_iter, gr
       s = jnp.sum(tilde, axis=-1, keepdims=True)
       q_new = (1.0 - damping) * q + damping * tilde / jnp.where(s > 0, s, 1.0)
       lam_new = lam
+    # Keep iterates on the simplex, so that the residual tested here is the one reported.
+    q_new = q_new / jnp.maximum(jnp.sum(q_new, axis=-1, keepdims=True), 1e-30)
     q = jnp.where(active[..., None], q_new, q)
     lam = jnp.where(active[..., None], lam_new, lam)
     return it + 1, q, lam, iters + active.astype(jnp.int32), jnp.any(active)
@@ -325,6 +328,5 @@ def _proxy_teacher(teacher_probs, epsilon, tol, damping, *, method, max_iter, gr
   lam0 = jnp.sum(_tilde(pt, pt, d1), axis=-1, keepdims=True)
   init = (jnp.int32(0), pt, lam0, jnp.zeros(batch_shape, jnp.int32), jnp.bool_(True))
   _, q, _, iters, _ = jax.lax.while_loop(cond, body, init)
-  q = q / jnp.maximum(jnp.sum(q, axis=-1, keepdims=True), 1e-30)
   residual = _residual(q, _tilde(pt, q, d1))
   return ProxyTeacher(q, iters, residual, residual <= tol, valid)
