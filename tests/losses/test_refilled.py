@@ -16,6 +16,10 @@ from jax import test_util
 
 from kd_jax import losses
 
+# Compiled once per shape: far cheaper on CPU than op-by-op dispatch (eager is checked below too).
+_stage1 = jax.jit(losses.refilled_relationship, static_argnames=("tuples", "mode"))
+_stage2 = jax.jit(losses.refilled_classifier, static_argnames=("distance",))
+
 # --------------------------------------------------------------------------- numpy references
 
 
@@ -168,8 +172,8 @@ def test_hand_case_stage1_values():
   ps, pt = np.array(ps), np.array(pt)
   kl = pt * np.log(pt / ps) + (1 - pt) * np.log((1 - pt) / (1 - ps))
   s, t, y = map(jnp.asarray, (_hand_student(), _hand_teacher(), HAND_LABELS))
-  got_paper = losses.refilled_relationship(s, t, y, mode="paper")
-  got_official = losses.refilled_relationship(s, t, y, mode="official")
+  got_paper = _stage1(s, t, y, mode="paper")
+  got_official = _stage1(s, t, y, mode="official")
   np.testing.assert_allclose(got_paper, kl.mean(), rtol=2e-4)
   np.testing.assert_allclose(got_official, 500.0 * kl.mean(), rtol=2e-4)
   # Tuple form: groups (2,3; 4,5) and (3,2; 1).
@@ -179,7 +183,7 @@ def test_hand_case_stage1_values():
     zt = -np.array([_chord(ta[j] - ta[a]) for j in (p, *negs)])
     qs, qt = np.exp(zs / tau) / np.exp(zs / tau).sum(), np.exp(zt / tau) / np.exp(zt / tau).sum()
     want.append(np.sum(qt * np.log(qt / qs)))
-  got_tuple = losses.refilled_relationship(s, t, y, tuples=True, mode="official")
+  got_tuple = _stage1(s, t, y, tuples=True, mode="official")
   np.testing.assert_allclose(got_tuple, 1000.0 * np.mean(want), rtol=2e-4)
 
 
@@ -192,7 +196,7 @@ def test_hand_case_stage2_in_batch_centres():
   pt0 = np.exp([-0.5, -12.5]) / np.exp([-0.5, -12.5]).sum()
   ps0 = np.exp([0.5, 0.0]) / np.exp([0.5, 0.0]).sum()  # class 2 (logit 5) is absent: masked out
   want0 = np.sum(pt0 * np.log(pt0 / ps0))
-  got = losses.refilled_classifier(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(y))
+  got = _stage2(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(y))
   np.testing.assert_allclose(got[0], want0, rtol=1e-5)
 
 
@@ -204,7 +208,7 @@ def test_hand_case_stage2_in_batch_centres():
 def test_stage1_matches_numpy_reference(tuples, mode):
   s, t, y = _random_batch(seed=3)
   want = _np_stage1(s, t, y, tuples=tuples, mode=mode)
-  got = losses.refilled_relationship(
+  got = _stage1(
       jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), tuples=tuples, mode=mode)
   assert want > 0
   np.testing.assert_allclose(got, want, rtol=2e-4)
@@ -216,7 +220,7 @@ def test_stage1_where_matches_reference_on_kept_rows():
   keep[[1, 6, 7]] = False
   for tuples in (False, True):
     want = _np_stage1(s, t, y, tuples=tuples, keep=keep)
-    got = losses.refilled_relationship(
+    got = _stage1(
         jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), tuples=tuples, where=jnp.asarray(keep))
     np.testing.assert_allclose(got, want, rtol=2e-4)
 
@@ -225,7 +229,7 @@ def test_stage1_margin_and_temperature_are_used():
   s, t, y = _random_batch(seed=4)
   for margin, tau in ((0.5, 1.0), (0.1, 8.0)):
     want = _np_stage1(s, t, y, margin=margin, tau=tau, mode="paper")
-    got = losses.refilled_relationship(
+    got = _stage1(
         jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), margin=margin, temperature=tau,
         mode="paper")
     np.testing.assert_allclose(got, want, rtol=2e-4)
@@ -245,14 +249,14 @@ def _np_grad(f, x, eps=1e-6):
 def test_stage1_gradient_matches_reference_finite_differences(tuples):
   s, t, y = _random_batch(seed=3)  # every mining gap is >= 2.7e-3 from a boundary
   want = _np_grad(lambda x: _np_stage1(x, t, y, tuples=tuples, mode="paper"), np.float64(s))
-  got = jax.grad(lambda x: losses.refilled_relationship(
+  got = jax.grad(lambda x: _stage1(
       x, jnp.asarray(t), jnp.asarray(y), tuples=tuples, mode="paper"))(jnp.asarray(s))
   assert np.abs(want).max() > 1e-4
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
   # And JAX's own directional check (float64 inputs; the shared Gram helper accumulates the
   # matmul in float32, so the finite differences are only good to about a percent).
   with jax.enable_x64(True):
-    f = lambda x: losses.refilled_relationship(
+    f = lambda x: _stage1(
         x, jnp.asarray(t, jnp.float64), jnp.asarray(y), tuples=tuples, mode="official")
     test_util.check_grads(f, (jnp.asarray(s, jnp.float64),), order=1, modes=["rev"], eps=1e-4,
                           atol=5e-2, rtol=5e-2)
@@ -260,7 +264,7 @@ def test_stage1_gradient_matches_reference_finite_differences(tuples):
 
 def test_stage1_teacher_gets_no_gradient():
   s, t, y = _random_batch(seed=3)
-  g = jax.grad(lambda tt: losses.refilled_relationship(jnp.asarray(s), tt, jnp.asarray(y)))(
+  g = jax.grad(lambda tt: _stage1(jnp.asarray(s), tt, jnp.asarray(y)))(
       jnp.asarray(t))
   assert np.all(np.asarray(g) == 0)
 
@@ -276,7 +280,7 @@ def test_stage1_no_triplet_gives_zero_and_zero_gradient(tuples):
   }
   for name, (y, keep) in cases.items():
     margin = 1e-9 if name == "empty" else 0.2
-    f = lambda x: losses.refilled_relationship(
+    f = lambda x: _stage1(
         x, jnp.asarray(t), jnp.asarray(y), margin=margin, tuples=tuples,
         where=None if keep is None else jnp.asarray(keep))
     value, grad = jax.value_and_grad(f)(jnp.asarray(s))
@@ -286,14 +290,14 @@ def test_stage1_no_triplet_gives_zero_and_zero_gradient(tuples):
 
 def test_stage1_widths_may_differ_but_batches_must_match():
   s, t, y = _random_batch(seed=3, ds=4, dt=33)
-  assert np.isfinite(float(losses.refilled_relationship(jnp.asarray(s), jnp.asarray(t),
+  assert np.isfinite(float(_stage1(jnp.asarray(s), jnp.asarray(t),
                                                         jnp.asarray(y))))
   with pytest.raises(ValueError, match=r"\(12, 4\).*\(11, 33\)"):
-    losses.refilled_relationship(jnp.asarray(s), jnp.asarray(t[:11]), jnp.asarray(y))
+    _stage1(jnp.asarray(s), jnp.asarray(t[:11]), jnp.asarray(y))
   with pytest.raises(ValueError, match="mode"):
-    losses.refilled_relationship(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), mode="code")
+    _stage1(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), mode="code")
   with pytest.raises(ValueError, match="labels"):
-    losses.refilled_relationship(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y[:5]))
+    _stage1(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y[:5]))
 
 
 def test_stage1_zero_rows_duplicates_and_large_features_stay_finite():
@@ -303,7 +307,7 @@ def test_stage1_zero_rows_duplicates_and_large_features_stay_finite():
   s[2] *= 1e4
   t[3] = 0.0
   for tuples in (False, True):
-    value, grad = jax.value_and_grad(lambda x, tu=tuples: losses.refilled_relationship(
+    value, grad = jax.value_and_grad(lambda x, tu=tuples: _stage1(
         x, jnp.asarray(t), jnp.asarray(y), tuples=tu))(jnp.asarray(s))
     assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
 
@@ -311,13 +315,13 @@ def test_stage1_zero_rows_duplicates_and_large_features_stay_finite():
 def test_stage1_bfloat16_inputs_compute_in_float32():
   s, t, y = _random_batch(seed=3)
   s16, t16 = jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)
-  got = losses.refilled_relationship(s16, t16, jnp.asarray(y))
+  got = _stage1(s16, t16, jnp.asarray(y))
   assert got.dtype == jnp.float32
   # Same value as float32 on the bf16-rounded inputs (mining decisions may differ from unrounded).
-  want = losses.refilled_relationship(s16.astype(jnp.float32), t16.astype(jnp.float32),
+  want = _stage1(s16.astype(jnp.float32), t16.astype(jnp.float32),
                                       jnp.asarray(y))
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  grad = jax.grad(lambda x: losses.refilled_relationship(x, t16, jnp.asarray(y)))(s16)
+  grad = jax.grad(lambda x: _stage1(x, t16, jnp.asarray(y)))(s16)
   assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
@@ -328,6 +332,7 @@ def test_stage1_jit_and_vmap_agree_with_eager():
   got = jax.jit(jax.vmap(f))(s, t, y)
   want = [_np_stage1(*b, tuples=True) for b in batches]
   np.testing.assert_allclose(got, want, rtol=2e-4)
+  np.testing.assert_allclose(f(s[0], t[0], y[0]), want[0], rtol=2e-4)  # eager, op by op
 
 
 def test_stage1_batch_128_compiles_and_runs():
@@ -347,7 +352,7 @@ def test_stage2_in_batch_centres_match_numpy(distance):
   logits = rng.normal(size=(10, 6)).astype(np.float32) * 3
   t = rng.normal(size=(10, 5)).astype(np.float32)
   y = np.array([0, 0, 2, 2, 2, 3, 3, 5, 5, 0], np.int32)  # classes 1 and 4 absent
-  got = losses.refilled_classifier(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(y),
+  got = _stage2(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(y),
                                    distance=distance)
   np.testing.assert_allclose(got, _np_stage2(logits, t, y, distance=distance), rtol=1e-4,
                              atol=1e-6)
@@ -360,7 +365,7 @@ def test_stage2_global_centres_match_numpy_and_where():
   y = np.array([0, 0, 2, 2, 2, 3, 3, 5, 5, 0], np.int32)
   centers = rng.normal(size=(6, 5)).astype(np.float32) * 4  # unnormalised on purpose
   keep = np.array([1, 1, 1, 1, 1, 0, 0, 1, 1, 0], bool)  # drops class 3 entirely
-  got = losses.refilled_classifier(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(y),
+  got = _stage2(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(y),
                                    centers=jnp.asarray(centers), temperature=3.0,
                                    where=jnp.asarray(keep))
   want = _np_stage2(logits, t, y, centers=centers, tau=3.0, keep=keep)
@@ -374,12 +379,12 @@ def test_stage2_gradients_and_teacher_is_frozen():
   t = rng.normal(size=(8, 3))
   y = np.array([0, 1, 1, 3, 3, 3, 0, 1], np.int32)
   with jax.enable_x64(True):
-    f = lambda z: losses.refilled_classifier(z, jnp.asarray(t), jnp.asarray(y)).sum()
+    f = lambda z: _stage2(z, jnp.asarray(t), jnp.asarray(y)).sum()
     test_util.check_grads(f, (jnp.asarray(logits),), order=1, modes=["rev"], eps=1e-6,
                           atol=1e-7, rtol=1e-6)
     g = jax.grad(f)(jnp.asarray(logits))
     assert np.all(np.asarray(g)[:, 2] == 0)  # absent class: no gradient at all
-  gt = jax.grad(lambda tt: losses.refilled_classifier(
+  gt = jax.grad(lambda tt: _stage2(
       jnp.asarray(logits, jnp.float32), tt, jnp.asarray(y)).sum())(jnp.asarray(t, jnp.float32))
   assert np.all(np.asarray(gt) == 0)
 
@@ -391,15 +396,15 @@ def test_stage2_edge_cases_are_finite():
   t[2] = 0.0
   y = np.zeros(6, np.int32)  # single class: the local classifier has one class -> KL 0
   for centers in (None, jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)):
-    v, g = jax.value_and_grad(lambda z, c=centers: losses.refilled_classifier(
+    v, g = jax.value_and_grad(lambda z, c=centers: _stage2(
         z, jnp.asarray(t), jnp.asarray(y), centers=c).sum())(jnp.asarray(logits))
     assert float(v) == 0.0 and np.all(np.asarray(g) == 0)
   y2 = np.array([0, 1, 2, 3, 4, 0], np.int32)
-  v, g = jax.value_and_grad(lambda z: losses.refilled_classifier(
+  v, g = jax.value_and_grad(lambda z: _stage2(
       z, jnp.asarray(t), jnp.asarray(y2)).sum())(jnp.asarray(logits))
   assert np.isfinite(float(v)) and np.all(np.isfinite(np.asarray(g)))
   none = jnp.zeros(6, bool)
-  v, g = jax.value_and_grad(lambda z: losses.refilled_classifier(
+  v, g = jax.value_and_grad(lambda z: _stage2(
       z, jnp.asarray(t), jnp.asarray(y2), where=none).sum())(jnp.asarray(logits))
   assert float(v) == 0.0 and np.all(np.asarray(g) == 0)
 
@@ -417,10 +422,10 @@ def test_stage2_bfloat16_jit_vmap_and_shape_errors():
     np.testing.assert_allclose(got[k], _np_stage2(r16(logits[k]), r16(t[k]), y[k]), rtol=1e-4,
                                atol=1e-6)
   with pytest.raises(ValueError, match=r"centers.*\(4, 6\).*\(3, 6\)"):
-    losses.refilled_classifier(jnp.asarray(logits[0]), jnp.asarray(t[0]), jnp.asarray(y[0]),
+    _stage2(jnp.asarray(logits[0]), jnp.asarray(t[0]), jnp.asarray(y[0]),
                                centers=jnp.zeros((3, 6)))
   with pytest.raises(ValueError, match="batch size"):
-    losses.refilled_classifier(jnp.asarray(logits[0]), jnp.asarray(t[0, :7]), jnp.asarray(y[0]))
+    _stage2(jnp.asarray(logits[0]), jnp.asarray(t[0, :7]), jnp.asarray(y[0]))
 
 
 # --------------------------------------------------------------------------- centres and NCM
