@@ -1,4 +1,4 @@
-"""Class splits for generalized distillation: the teacher's and the student's tasks from one dataset.
+"""Class splits for generalized KD: the teacher's and the student's tasks from one dataset.
 
 Generalized KD (ReFilled, METHODS.md 2.1) trains the teacher on classes A and the student on
 classes B of the same labelled dataset, with B = A (standard KD), B partially overlapping A, or B

@@ -3,7 +3,8 @@
 Han-Jia Ye, Su Lu, De-Chuan Zhan, "Generalized Knowledge Distillation via Relationship Matching",
 TPAMI 2022 (arXiv 2205.01915); CVPR 2020 "Distilling Cross-Task Knowledge via Relationship
 Matching". Reference implementation: `njulus/REFILLED` (`Train.py`, `Test.py`,
-`utils/triplet.py`), with triplets mined by `pytorch-metric-learning`'s `TripletMarginMiner(type_of_triplets="semihard")`.
+`utils/triplet.py`), with triplets mined by `pytorch-metric-learning`'s
+`TripletMarginMiner(type_of_triplets="semihard")`.
 
 Only the teacher's *embedding* is used, grouped by the *student's* labels, so the teacher's own
 label space never enters: the same losses serve standard KD (same classes), partially overlapping
