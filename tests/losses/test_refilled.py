@@ -343,6 +343,35 @@ def test_stage1_batch_128_compiles_and_runs():
   assert np.isfinite(float(value)) and float(value) > 0 and np.all(np.isfinite(grad))
 
 
+def test_stage1_all_gathered_per_device_step_equals_global_batch():
+  """Per-device code that all-gathers the batch mines the global batch; with the step's
+  per-device (pmap) semantics, the pmean of gradients is the global-batch gradient."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)  # a replicated "student parameter"
+  t = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 16), jnp.int32)
+
+  def per_device(w, x, t, y):
+    def loss(w):
+      g = lambda a: jax.lax.all_gather(a, "batch", axis=0, tiled=True)
+      return losses.refilled_relationship(g(x @ w), g(t), g(y), tuples=True)
+    value, grad = jax.value_and_grad(loss)(w)
+    return jax.lax.pmean(value, "batch"), jax.lax.pmean(grad, "batch")
+
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch"), P("batch"),
+                                                                   P("batch")),
+                                 out_specs=(P(), P()), check_vma=False))
+  value, grad = mapped(w, x, t, y)
+  want_value, want_grad = jax.value_and_grad(
+      lambda w: _stage1(x @ w, t, y, tuples=True))(w)
+  assert float(want_value) > 0
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- stage 2
 
 
