@@ -2,7 +2,7 @@
 
 Convolutions take PyTorch's symmetric integer padding (not "SAME", which pads a stride-2 layer
 asymmetrically), batch norm uses PyTorch's defaults (momentum 0.1 == flax momentum 0.9,
-eps 1e-5), pooling follows `nn.AvgPool2d` / `nn.MaxPool2d`. Parameters are always float32;
+eps 1e-5, running variance of the unbiased batch variance), pooling follows `nn.AvgPool2d` / `nn.MaxPool2d`. Parameters are always float32;
 `dtype` sets the compute dtype (e.g. bfloat16).
 """
 
@@ -40,13 +40,36 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
       use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=CONV_INIT, rngs=rngs)
 
 
-def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """`torch.nn.BatchNorm2d(num_features)` / `BatchNorm1d`: momentum 0.1 (flax 0.9), eps 1e-5.
+class TorchBatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` whose running variance follows PyTorch: it averages the unbiased batch
+  variance, var_run <- m var_run + (1 - m) var_batch n / (n - 1), n = elements per channel.
+
+  Normalisation itself uses the biased batch variance in train mode, as both frameworks do.
+  """
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if use_running_average or mask is not None:
+      return super().__call__(x, use_running_average, mask=mask)
+    old = self.var[...]
+    y = super().__call__(x, False)
+    n = x.size // x.shape[-1]
+    if n > 1:
+      # flax stored m old + (1 - m) v_biased; rescale the new term to the unbiased variance.
+      m = self.momentum
+      self.var[...] = m * old + (self.var[...] - m * old) * (n / (n - 1))
+    return y
+
+
+def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> TorchBatchNorm:
+  """`torch.nn.BatchNorm2d(num_features)`: momentum 0.1 (flax 0.9), eps 1e-5, unbiased
+  running variance (see `TorchBatchNorm`).
 
   Call it as `bn(x, use_running_average=not train)`.
   """
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       param_dtype=jnp.float32, rngs=rngs)
+  return TorchBatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        param_dtype=jnp.float32, rngs=rngs)
 
 
 def linear(in_features: int, out_features: int, *, bias: bool = True, dtype=None,

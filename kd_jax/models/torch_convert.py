@@ -149,7 +149,13 @@ def model_from_torch_state_dict(name: str, state_dict: Mapping, *, num_classes: 
   if name not in available() or name.endswith("_digits"):
     raise ValueError(f"no PyTorch conversion for model {name!r}; convertible names: "
                      f"{', '.join(n for n in available() if not n.endswith('_digits'))}")
-  model = create(name, num_classes=num_classes, **options)
+  # Build the model abstractly (no random initialisation to compile and run); every parameter
+  # and statistic is overwritten from `state_dict`. Models that hold other state (dropout RNG
+  # streams) are built concretely.
+  model = nnx.eval_shape(lambda: create(name, num_classes=num_classes, **options))
+  others = nnx.state(model, nnx.Not((nnx.Param, nnx.BatchStat)))
+  if jax.tree.leaves(others):
+    model = create(name, num_classes=num_classes, **options)
   return load_torch_state_dict(model, name, state_dict)
 
 

@@ -85,9 +85,12 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
   mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
   expected_stem = np.maximum((z - mean) / np.sqrt(var + 1e-5), 0.0)  # scale 1, bias 0 at init
   np.testing.assert_allclose(feats["stem"], expected_stem, rtol=1e-4, atol=1e-4)
-  # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch (running mean starts at 0, var at 1).
+  # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch (running mean starts at 0, var
+  # at 1), with the unbiased batch variance for the running variance (n = 4 * 8 * 8 per channel).
+  n = 4 * 8 * 8
   np.testing.assert_allclose(model.bn1.mean[...], 0.1 * mean, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(model.bn1.var[...], 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.bn1.var[...], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_batchnorm_eval_uses_running_averages_and_changes_nothing():
