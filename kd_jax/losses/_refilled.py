@@ -27,6 +27,7 @@ from kd_jax.losses import _validation as val
 
 __all__ = [
     "class_centers",
+    "class_sums",
     "ncm_accuracy",
     "ncm_predict",
     "refilled_classifier",
@@ -278,31 +279,44 @@ def refilled_classifier(
   return nm.apply_where(kl, where)
 
 
-def class_centers(embed, labels, num_classes: int, *, where=None):
-  """Global class centres: per-class sums of the embeddings, L2-normalised.
+def class_sums(embed, labels, num_classes: int, *, where=None):
+  """Per-class sums of the embeddings, [num_classes, d] float32 (unnormalised).
 
-  c_n = sum_{i: y_i = n} x_i / ||sum_{i: y_i = n} x_i||, as `njulus/REFILLED: Train.py`
-  (stage-2 teacher centres) and `Test.py` test_ncm (student NCM centres). The code divides by a
-  (buggy) count first, which the normalisation cancels. A class with no sample gets a zero row.
-  To accumulate over a dataset, sum the unnormalised per-batch sums yourself or call this on the
-  concatenated embeddings; labels outside [0, num_classes) are ignored.
+  The accumulator behind `class_centers`: add it up over the batches of a dataset (and `psum` it
+  over devices), then `l2_normalize` the total. Labels outside [0, num_classes) are ignored.
 
   Args:
-    embed: [N, d] embeddings (unnormalised, as the reference code).
+    embed: [N, d] embeddings.
     labels: int [N] class ids.
     num_classes: static number of classes C.
-    where: optional bool [N]; False rows are left out.
-
-  Returns:
-    float32 [C, d].
+    where: optional bool [N]; False rows are left out (e.g. the padding of a partial batch).
   """
   _check_embed(embed, "embed")
   n = jnp.shape(embed)[0]
   _check_labels(labels, n)
   val.check_where(where, (n,))
   onehot, _ = _present_classes(labels, num_classes, where)
-  sums = jnp.matmul(onehot.T, nm.to_float32(embed), preferred_element_type=jnp.float32)
-  return nm.l2_normalize(sums)
+  return jnp.matmul(onehot.T, nm.to_float32(embed), preferred_element_type=jnp.float32)
+
+
+def class_centers(embed, labels, num_classes: int, *, where=None):
+  """Global class centres: per-class sums of the embeddings, L2-normalised.
+
+  c_n = sum_{i: y_i = n} x_i / ||sum_{i: y_i = n} x_i||, as `njulus/REFILLED: Train.py`
+  (stage-2 teacher centres) and `Test.py` test_ncm (student NCM centres). The code divides by a
+  (buggy) count first, which the normalisation cancels. A class with no sample gets a zero row.
+  Over a dataset too large for one call, accumulate `class_sums` and normalise the total.
+
+  Args:
+    embed: [N, d] embeddings (unnormalised, as the reference code).
+    labels: int [N] class ids (outside [0, num_classes): ignored).
+    num_classes: static number of classes C.
+    where: optional bool [N]; False rows are left out.
+
+  Returns:
+    float32 [C, d].
+  """
+  return nm.l2_normalize(class_sums(embed, labels, num_classes, where=where))
 
 
 def ncm_predict(embed, centers):

@@ -470,6 +470,20 @@ def test_class_centers_are_normalised_sums_with_zero_rows_for_empty_classes():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_class_sums_accumulate_to_the_centres():
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(10, 3)).astype(np.float32)
+  y = rng.integers(0, 4, size=10).astype(np.int32)
+  total = sum(losses.class_sums(jnp.asarray(x[k:k + 5]), jnp.asarray(y[k:k + 5]), 4)
+              for k in (0, 5))
+  want = np.stack([x[y == c].sum(0) for c in range(4)])
+  np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(total / np.maximum(np.linalg.norm(want, axis=1, keepdims=True),
+                                                1e-12),
+                             losses.class_centers(jnp.asarray(x), jnp.asarray(y), 4),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_ncm_accuracy_by_hand():
   centers = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # class 2 has no centre
   x = jnp.asarray([[2.0, 1.0], [0.1, 3.0], [-1.0, -1.0], [1.0, 1.5]])
