@@ -52,6 +52,13 @@ def _layer_pairs(student, teacher, student_name, teacher_name):
   return list(zip(student, teacher))
 
 
+def _gather(x, axis_name):
+  """All-gathers the rows of `x` (or None) over the named batch axis; identity for None."""
+  if axis_name is None or x is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
 def _flatten_rows(x, where):
   """[b, ...] -> [b, prod(...)], masked rows set to 0; integer inputs become float32."""
   x = jnp.asarray(x)
@@ -100,7 +107,7 @@ def _sp_one(student, teacher, where):
   return jnp.sum(jnp.square(g_t - g_s)) / (b * b)
 
 
-def sp(student_features, teacher_features, *, where=None):
+def sp(student_features, teacher_features, *, where=None, axis_name=None):
   """Similarity-preserving KD loss: (1/b^2) * ||G_T - G_S||_F^2, summed over layer pairs.
 
   `G = gram(A)` is the row-L2-normalised batch Gram matrix of the flattened activations (see
@@ -120,13 +127,20 @@ def sp(student_features, teacher_features, *, where=None):
     where: optional boolean [b] row mask (the same for every pair). A masked row is excluded from
       the Gram matrices (its row and column) and from b = max(#valid, 1); an all-False mask
       gives 0.
+    axis_name: optional name of the mapped batch axis (inside `jax.shard_map` or `jax.pmap`). If
+      given, the rows (and `where`) of all devices are all-gathered first, so the loss covers the
+      global batch and every device returns the same value; its gradient is right when the global
+      objective is the mean of the per-device losses (`pmean` of the gradients under `pmap`, or of
+      the loss before `jax.grad` under `shard_map`). None: per-device batch (what a plain
+      `jax.jit` over a sharded global batch already sees as the global batch).
 
   Returns:
     Scalar float32 loss.
   """
   pairs = _layer_pairs(student_features, teacher_features, "student_features",
                        "teacher_features")
-  return sum(_sp_one(s, t, where) for s, t in pairs)
+  where = _gather(where, axis_name)
+  return sum(_sp_one(_gather(s, axis_name), _gather(t, axis_name), where) for s, t in pairs)
 
 
 def _pair_mask(where, b):
@@ -176,7 +190,7 @@ def _rkd_angles(diff):
 
 
 def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
-        angle_weight: float = 50.0, where=None):
+        angle_weight: float = 50.0, where=None, axis_name=None):
   """Relational KD: distance-wise plus angle-wise smooth-L1 between the batch's relations.
 
   With psi_D(i, j) = ||e_i - e_j|| / mu (mu the mean distance over pairs i != j) and
@@ -204,10 +218,18 @@ def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
     angle_weight: weight of the angle term (RepDistiller `w_a`).
     where: optional boolean [b] row mask; masked rows are excluded from every pair and triple and
       the means run over b_valid^2 and b_valid^3 entries.
+    axis_name: optional name of the mapped batch axis (inside `jax.shard_map` or `jax.pmap`). If
+      given, the rows (and `where`) of all devices are all-gathered first, so the loss covers the
+      global batch and every device returns the same value; its gradient is right when the global
+      objective is the mean of the per-device losses (`pmean` of the gradients under `pmap`, or of
+      the loss before `jax.grad` under `shard_map`). None: per-device batch (what a plain
+      `jax.jit` over a sharded global batch already sees as the global batch).
 
   Returns:
     Scalar float32 loss.
   """
+  student_embed, teacher_embed, where = (
+      _gather(x, axis_name) for x in (student_embed, teacher_embed, where))
   check_rank(student_embed, 2, "student_embed")
   check_rank(teacher_embed, 2, "teacher_embed")
   check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
@@ -240,7 +262,7 @@ def _pkt_similarity(x, where, eps):
   return p / jnp.where(row > 0, row, 1.0)
 
 
-def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None):
+def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None, axis_name=None):
   """Probabilistic Knowledge Transfer: KL-like divergence of cosine-similarity distributions.
 
   x_i <- x_i / (||x_i|| + eps); P_ij = ((<x_i, x_j> + 1) / 2) / sum_k ((<x_i, x_k> + 1) / 2), the
@@ -262,10 +284,18 @@ def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None):
     eps: the reference's 1e-7, added to the norms and inside the log.
     where: optional boolean [b] row mask; masked rows and columns are dropped before the row
       normalisation and the mean runs over b_valid^2 entries.
+    axis_name: optional name of the mapped batch axis (inside `jax.shard_map` or `jax.pmap`). If
+      given, the rows (and `where`) of all devices are all-gathered first, so the loss covers the
+      global batch and every device returns the same value; its gradient is right when the global
+      objective is the mean of the per-device losses (`pmean` of the gradients under `pmap`, or of
+      the loss before `jax.grad` under `shard_map`). None: per-device batch (what a plain
+      `jax.jit` over a sharded global batch already sees as the global batch).
 
   Returns:
     Scalar float32 loss.
   """
+  student_embed, teacher_embed, where = (
+      _gather(x, axis_name) for x in (student_embed, teacher_embed, where))
   check_rank(student_embed, 2, "student_embed")
   check_rank(teacher_embed, 2, "teacher_embed")
   check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
@@ -280,7 +310,7 @@ def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None):
   return jnp.sum(terms) / (n * n)
 
 
-def cc(student_embed, teacher_embed, *, where=None):
+def cc(student_embed, teacher_embed, *, where=None, axis_name=None):
   """Correlation congruence loss exactly as RepDistiller's `Correlation` (a simplified form).
 
   With delta_i = |e^S_i - e^T_i| (elementwise), the reference computes
@@ -304,10 +334,18 @@ def cc(student_embed, teacher_embed, *, where=None):
     teacher_embed: [b, d] embedded teacher features, the same shape.
     where: optional boolean [b] row mask. Valid rows are taken in order (masked ones skipped), so
       the value equals the reference on the valid rows alone; normalised by max(b_valid - 1, 1).
+    axis_name: optional name of the mapped batch axis (inside `jax.shard_map` or `jax.pmap`). If
+      given, the rows (and `where`) of all devices are all-gathered first, so the loss covers the
+      global batch and every device returns the same value; its gradient is right when the global
+      objective is the mean of the per-device losses (`pmean` of the gradients under `pmap`, or of
+      the loss before `jax.grad` under `shard_map`). None: per-device batch (what a plain
+      `jax.jit` over a sharded global batch already sees as the global batch).
 
   Returns:
     Scalar float32 loss (0 for fewer than two valid rows; the reference returns NaN for b = 1).
   """
+  student_embed, teacher_embed, where = (
+      _gather(x, axis_name) for x in (student_embed, teacher_embed, where))
   check_rank(student_embed, 2, "student_embed")
   check_same_shape(student_embed, teacher_embed, "student_embed", "teacher_embed")
   b = jnp.shape(student_embed)[0]

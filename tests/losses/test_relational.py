@@ -360,3 +360,55 @@ def test_embedding_shape_errors_name_both_shapes():
       fn(jnp.ones((4, 3)), jnp.ones((5, 3)))
   with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 5\)"):
     losses.cc(jnp.ones((4, 3)), jnp.ones((4, 5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism: axis_name all-gathers the rows so that the loss covers the global batch.
+
+
+def _relational_objective(theta, x, xt, where, axis_name=None):
+  f_s = x @ theta
+  kw = dict(where=where, axis_name=axis_name)
+  return (losses.sp([f_s, f_s[:, :2]], [xt, xt], **kw) + losses.rkd(f_s, xt, **kw)
+          + losses.pkt(f_s, xt, **kw) + losses.cc(f_s, xt[:, :3], **kw))
+
+
+def test_axis_name_gives_the_global_batch_loss_under_shard_map_and_pmap():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  n_dev = 8
+  assert jax.device_count() >= n_dev
+  rng = np.random.default_rng(20)
+  x = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+  xt = jnp.asarray(rng.normal(size=(16, 7)), jnp.float32)
+  theta = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  where = jnp.asarray(rng.random(16) < 0.75)
+  want_v, want_g = jax.jit(jax.value_and_grad(_relational_objective))(theta, x, xt, where)
+
+  # shard_map: the objective is the mean of the per-device losses, taken before jax.grad.
+  mesh = jax.make_mesh((n_dev,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:n_dev])
+
+  def per_device(theta, x, xt, where):
+    return jax.value_and_grad(lambda th: jax.lax.pmean(
+        _relational_objective(th, x, xt, where, "batch"), "batch"))(theta)
+
+  step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch"), P("batch"),
+                                                                 P("batch")),
+                               out_specs=(P(), P())))
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  v, g = step(put(theta, P()), put(x, P("batch")), put(xt, P("batch")), put(where, P("batch")))
+  np.testing.assert_allclose(v, want_v, rtol=1e-5)
+  np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-6)
+
+  # pmap: per-device gradients, then pmean of the gradients.
+  def pmapped(theta, x, xt, where):
+    v, g = jax.value_and_grad(_relational_objective)(theta, x, xt, where, "batch")
+    return v, jax.lax.pmean(g, "batch")
+
+  split = lambda a: a.reshape((n_dev, -1) + a.shape[1:])
+  v, g = jax.pmap(pmapped, axis_name="batch", in_axes=(None, 0, 0, 0),
+                  devices=jax.devices()[:n_dev])(theta, split(x), split(xt), split(where))
+  np.testing.assert_allclose(v, np.full(n_dev, want_v), rtol=1e-5)
+  np.testing.assert_allclose(g[0], want_g, rtol=1e-4, atol=1e-6)
