@@ -96,9 +96,27 @@ def epoch_user_batches(split: Split, batch_size: int, batching: str, rng):
   return ids, mask
 
 
+_CACHE: dict = {}
+
+
+def optimizer_and_epoch_fn(cfg: DistillConfig, phase: str, num_items: int):
+  """(tx, epoch_fn) for `cfg`, cached so that runs differing only in seed, method or debiasing
+  share one compilation."""
+  key = (dataclasses.replace(cfg, seed=0, method="hetcomp", debias=None, debias_strength=None,
+                             max_epochs=0), phase, num_items)
+  if key not in _CACHE:
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
+    _CACHE[key] = (tx, make_epoch_fn(tx, phase=phase, cfg=cfg, num_items=num_items))
+  return _CACHE[key]
+
+
 def make_epoch_fn(tx, *, phase: str, cfg: DistillConfig, num_items: int):
   """A jitted epoch over [S, Bu] user batches with the phase-A or phase-B loss."""
-  loss_fn = losses.hetcomp_phase_a_loss if phase == "a" else losses.hetcomp_phase_b_loss
+  if phase == "a":
+    loss_fn = losses.hetcomp_phase_a_loss
+  else:
+    long = min(50, cfg.top_k)  # T^(50) and T^(10); capped for short knowledge lists
+    loss_fn = functools.partial(losses.hetcomp_phase_b_loss, long=long, short=min(10, long))
   lam = cfg.lambda_a if phase == "a" else cfg.lambda_b
 
   def step(const, carry, batch):
@@ -132,20 +150,25 @@ def make_epoch_fn(tx, *, phase: str, cfg: DistillConfig, num_items: int):
 def _student_top(params, users, tr, *, top):
   s = mf_scores(params, users)
   rows = jnp.broadcast_to(jnp.arange(users.shape[0])[:, None], tr.shape)
-  s = s.at[rows, jnp.maximum(tr, 0)].set(jnp.where(tr >= 0, -jnp.inf, s[rows, jnp.maximum(tr, 0)]))
+  train = jnp.zeros(s.shape, bool).at[rows, jnp.maximum(tr, 0)].max(tr >= 0)
+  s = jnp.where(train, -jnp.inf, s)
   return jax.lax.top_k(s, top)[1]
 
 
 def all_discrepancies(params, know: knowledge_lib.Knowledge, tr: np.ndarray, *,
-                      chunk_size: int = 1024) -> np.ndarray:
-  """D(u, x, v) for every user, teacher and checkpoint ([U, X, V]), chunked over users."""
+                      top: int = dkc_lib.DKC_TOP, chunk_size: int = 1024) -> np.ndarray:
+  """D(u, x, v) for every user, teacher and checkpoint ([U, X, V]), chunked over users.
+
+  `top` (50 officially) is capped by the lists' length N and the catalogue size.
+  """
   u_total = know.ranks.shape[0]
+  top = min(top, know.ranks.shape[-1], know.num_items)
   out = np.zeros(know.ranks.shape[:3], np.float32)
   cs = min(chunk_size, u_total)
   for start in range(0, u_total, cs):
     users = np.arange(start, start + cs) % u_total
-    top = _student_top(params, jnp.asarray(users), jnp.asarray(tr[users]), top=dkc_lib.DKC_TOP)
-    d = dkc_lib.discrepancy(top, jnp.asarray(know.ranks[users]))
+    student_top = _student_top(params, jnp.asarray(users), jnp.asarray(tr[users]), top=top)
+    d = dkc_lib.discrepancy(student_top, jnp.asarray(know.ranks[users]), top=top)
     n = min(cs, u_total - start)
     out[start:start + n] = np.asarray(d)[:n]
   return out
@@ -184,7 +207,7 @@ def distill(split: Split, know: knowledge_lib.Knowledge, cfg: DistillConfig = Di
   key = jax.random.key(cfg.seed)
   student = make_student(split.num_users, split.num_items, key, dim=cfg.dim)
   params = nnx.to_pure_dict(nnx.split(student, nnx.Param)[1])
-  tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
+  tx, _ = optimizer_and_epoch_fn(cfg, "a", split.num_items)
   opt_state = tx.init(params)
   tr = train_lists(split)
   bonus = (debias_lib.DEFAULT_RERANK_BONUS if cfg.debias_strength is None
@@ -212,7 +235,7 @@ def distill(split: Split, know: knowledge_lib.Knowledge, cfg: DistillConfig = Di
   e = 0
   for e in range(1, cfg.max_epochs + 1):
     if phase not in epoch_fns:
-      epoch_fns[phase] = make_epoch_fn(tx, phase=phase, cfg=cfg, num_items=split.num_items)
+      epoch_fns[phase] = optimizer_and_epoch_fn(cfg, phase, split.num_items)[1]
     users, umask = epoch_user_batches(split, cfg.batch_size, cfg.batching, rng)
     params, opt_state, loss = epoch_fns[phase](params, opt_state, jnp.asarray(users),
                                                jnp.asarray(umask), const)

@@ -35,7 +35,9 @@ def mf_scores(params, users, clip: float | None = None):
   return s if clip is None else jnp.clip(s, -clip, clip)
 
 
+_jit_scores = jax.jit(mf_scores, static_argnames=("clip",))
+
+
 def student_scorer(params):
-  """A jitted `users -> [B, num_items]` scorer for evaluation and DKC."""
-  f = jax.jit(mf_scores)
-  return lambda users: f(params, jnp.asarray(users))
+  """A jitted `users -> [B, num_items]` scorer for evaluation and DKC (compiled once)."""
+  return lambda users: _jit_scores(params, jnp.asarray(users))

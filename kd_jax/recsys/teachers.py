@@ -27,6 +27,7 @@ are meant for catalogues that fit in memory (ML-100k / ML-1M); the knowledge the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -283,6 +284,9 @@ def _epoch_batches(kind, split, batch_size, rng):
   return perm[:steps * batch_size].reshape(steps, -1) if n >= batch_size else perm[None]
 
 
+_EPOCH_CACHE: dict = {}
+
+
 def make_epoch_fn(model, tx, num_items):
   """A jitted epoch: lax.scan of (sample negatives, grad, Adam, constrain) over the batches."""
   graphdef, params = nnx.split(model, nnx.Param)
@@ -354,8 +358,12 @@ def train_teacher(name: str, split: Split, directory: str, *, seed: int = 0,
   ctx = ctx if ctx is not None else make_context(split)
   key = jax.random.key(seed)
   model = build_teacher(name, split, jax.random.fold_in(key, 0), spec)
-  tx = optax.adam(spec.lr)
-  graphdef, params, epoch_fn = make_epoch_fn(model, tx, split.num_items)
+  cache_key = (name, spec, split.num_users, split.num_items)
+  if cache_key not in _EPOCH_CACHE:  # seeds share one compilation
+    tx = optax.adam(spec.lr)
+    _EPOCH_CACHE[cache_key] = (tx, make_epoch_fn(model, tx, split.num_items)[2])
+  tx, epoch_fn = _EPOCH_CACHE[cache_key]
+  params = nnx.split(model, nnx.Param)[1]
   opt_state = tx.init(params)
   save_at = trajectory_epochs(spec.epochs)
   rng = np.random.default_rng(seed)
@@ -389,12 +397,16 @@ def restore_teacher(name: str, split: Split, directory: str, epoch: int, *,
   return nnx.merge(graphdef, params)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(graphdef, state, users, ctx):
+  return nnx.merge(graphdef, state).scores(users, ctx)
+
+
 def score_fn(model, ctx):
-  """A jitted `users -> [B, num_items]` scorer for `metrics.evaluate` / knowledge building."""
+  """A jitted `users -> [B, num_items]` scorer for `metrics.evaluate` / knowledge building.
+
+  Compiled once per model structure (the graph definition is static), so every checkpoint of
+  a trajectory shares one compilation.
+  """
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def f(state, users, ctx):
-    return nnx.merge(graphdef, state).scores(users, ctx)
-
-  return lambda users: f(state, jnp.asarray(users), ctx)
+  return lambda users: _scores(graphdef, state, jnp.asarray(users), ctx)

@@ -4,6 +4,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import rax
 
 from kd_jax.recsys import metrics
 
@@ -46,6 +47,11 @@ def test_random_cases_match_numpy_reference():
     rec, ndcg = _np_metrics(scores.astype(np.float64), relevant, exclude, k)
     np.testing.assert_allclose(out[f"recall@{k}"], rec, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(out[f"ndcg@{k}"], ndcg, rtol=1e-5, atol=1e-7)
+    # rax's sort-based metrics agree (a second, independent implementation)
+    np.testing.assert_allclose(out[f"recall@{k}"], rax.recall_metric(
+        scores, relevant.astype(np.float32), where=~exclude, topn=k, reduce_fn=None), rtol=1e-5)
+    np.testing.assert_allclose(out[f"ndcg@{k}"], rax.ndcg_metric(
+        scores, relevant.astype(np.float32), where=~exclude, topn=k, reduce_fn=None), rtol=1e-5)
 
 
 def test_evaluate_chunks_and_excludes_other_heldout(tiny_split):
