@@ -73,7 +73,7 @@ def _logsumexp(x, mask):
 
 
 def _log_normalizer(scores, num_data, where):
-  """log Z with Z = mean(exp(scores)) * num_data over the valid rows, as the reference's first step."""
+  """log Z, Z = mean(exp(scores)) * num_data over the valid rows (the reference's first step)."""
   if where is None:
     count = jnp.asarray(scores.size)
     lse = _logsumexp(scores, None)

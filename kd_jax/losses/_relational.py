@@ -12,8 +12,6 @@ first, so the layout does not change their value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 
@@ -208,8 +206,12 @@ def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
 
   Numerics: squared distances are clamped at 1e-12 before the square root and difference vectors
   are normalised by max(||v||, 1e-12), exactly as the reference, so duplicate or zero rows give
-  finite values and gradients. With fewer than two valid rows the distance normaliser is 1
-  (the reference divides by the mean of an empty set, NaN) and the loss is 0.
+  finite values and gradients. One deliberate difference: squared distances are summed from the
+  explicit differences e_j - e_i (which the angle term materialises anyway, [b, b, d] memory, as
+  the reference) instead of |e_i|^2 + |e_j|^2 - 2<e_i, e_j>; the value is the same up to float32
+  rounding, but duplicate rows stay exactly at the clamp instead of becoming cancellation noise.
+  With fewer than two valid rows the distance normaliser is 1 (the reference divides by the mean
+  of an empty set, NaN) and the loss is 0.
 
   Args:
     student_embed: [b, ...] student features (flattened to [b, d_s]).
