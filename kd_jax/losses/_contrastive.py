@@ -99,6 +99,23 @@ def _mask_rows(x, where):
   return jnp.where(jnp.reshape(where, where.shape + (1,) * (x.ndim - 1)), x, 0.0)
 
 
+def _both_scores(student_embed, teacher_embed, student_negatives, teacher_negatives,
+                 student_positive, teacher_positive, temperature, where):
+  """[B, K + 1] scores of the student anchor against teacher rows and vice versa.
+
+  Positives and negatives play the memory bank's part and are detached (also when the positives
+  default to the live embeds); gradients flow through the anchors. Masked rows are zeroed first,
+  so nothing non-finite in them reaches a value or a gradient.
+  """
+  student_positive = student_embed if student_positive is None else student_positive
+  teacher_positive = teacher_embed if teacher_positive is None else teacher_positive
+  s_scores = _prepare_side(_mask_rows(student_embed, where), _mask_rows(teacher_positive, where),
+                           _mask_rows(teacher_negatives, where), temperature)
+  t_scores = _prepare_side(_mask_rows(teacher_embed, where), _mask_rows(student_positive, where),
+                           _mask_rows(student_negatives, where), temperature)
+  return s_scores, t_scores
+
+
 def crd_normalizers(student_embed, teacher_embed, student_negatives, teacher_negatives, *,
                     num_data: int, temperature: float = 0.07, student_positive=None,
                     teacher_positive=None, where=None):
@@ -115,10 +132,9 @@ def crd_normalizers(student_embed, teacher_embed, student_negatives, teacher_neg
   """
   _check_inputs(student_embed, teacher_embed, student_negatives, teacher_negatives,
                 student_positive, teacher_positive, where)
-  student_positive = student_embed if student_positive is None else student_positive
-  teacher_positive = teacher_embed if teacher_positive is None else teacher_positive
-  s_scores = _prepare_side(student_embed, teacher_positive, teacher_negatives, temperature)
-  t_scores = _prepare_side(teacher_embed, student_positive, student_negatives, temperature)
+  s_scores, t_scores = _both_scores(student_embed, teacher_embed, student_negatives,
+                                    teacher_negatives, student_positive, teacher_positive,
+                                    temperature, where)
   return (jnp.exp(_log_normalizer(s_scores, num_data, where)),
           jnp.exp(_log_normalizer(t_scores, num_data, where)))
 
@@ -190,14 +206,9 @@ def crd(student_embed, teacher_embed, student_negatives, teacher_negatives, *, n
   """
   _check_inputs(student_embed, teacher_embed, student_negatives, teacher_negatives,
                 student_positive, teacher_positive, where)
-  student_positive = student_embed if student_positive is None else student_positive
-  teacher_positive = teacher_embed if teacher_positive is None else teacher_positive
-  # Positives and negatives play the memory bank's part and are detached in `_prepare_side`
-  # (also when the positives default to the live embeds); gradients flow through the anchors.
-  s_scores = _prepare_side(_mask_rows(student_embed, where), _mask_rows(teacher_positive, where),
-                           _mask_rows(teacher_negatives, where), temperature)
-  t_scores = _prepare_side(_mask_rows(teacher_embed, where), _mask_rows(student_positive, where),
-                           _mask_rows(student_negatives, where), temperature)
+  s_scores, t_scores = _both_scores(student_embed, teacher_embed, student_negatives,
+                                    teacher_negatives, student_positive, teacher_positive,
+                                    temperature, where)
   if normalizers is None:
     log_z_s = _log_normalizer(s_scores, num_data, where)
     log_z_t = _log_normalizer(t_scores, num_data, where)
