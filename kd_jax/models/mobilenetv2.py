@@ -44,7 +44,7 @@ class MobileNetV2(nnx.Module):
   """RepDistiller `MobileNetV2(T, feature_dim, width_mult)` for 32x32 inputs.
 
   Features (T=6, W=0.5): stem [B,16,16,16], stage1 [B,16,16,12] (blocks[1]), stage2 [B,8,8,16]
-  (blocks[2]), stage3 [B,4,4,48] (blocks[4]), stage4 [B,2,2,80] (blocks[6]; = pre_pool, before
+  (blocks[2]), stage3 [B,4,4,48] (blocks[4]), stage4 [B,2,2,160] (blocks[6]; = pre_pool, before
   conv2, exactly RepDistiller's feat[-2]), embedding [B,1280] (after conv2-BN-ReLU and pooling).
   No preact_* features: the reference returns the same (linear) maps for preact=True.
   """

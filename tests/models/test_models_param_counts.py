@@ -11,7 +11,7 @@ from flax import nnx
 from kd_jax import models
 from kd_jax.models import torch_convert
 
-from conftest import abstract_model
+from models_testlib import abstract_model
 
 # PyTorch `sum(p.numel() for p in model.parameters())` at num_classes=100 (BN running statistics
 # excluded), for HobbitLong/RepDistiller models/*.py (`model_dict` names). Measured with torch
