@@ -45,7 +45,8 @@ def pairwise_sq_distances(x, y=None):
   y = x if y is None else y
   x2 = jnp.sum(jnp.square(x), axis=-1)[:, None]
   y2 = jnp.sum(jnp.square(y), axis=-1)[None, :]
-  xy = jnp.matmul(x, y.T, preferred_element_type=jnp.float32)
+  # At least float32 (bfloat16 inputs), but keep float64 when it is given (gradient checks).
+  xy = jnp.matmul(x, y.T, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
   return jnp.maximum(x2 + y2 - 2.0 * xy, 0.0)
 
 
