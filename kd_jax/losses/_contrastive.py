@@ -54,7 +54,10 @@ def _check_inputs(student_embed, teacher_embed, student_negatives, teacher_negat
 def _scores(anchor, positive, negatives, temperature):
   """[B, K + 1] logits <row, anchor> / T, the positive in column 0 (RepDistiller's `idx` order)."""
   rows = jnp.concatenate([positive[:, None, :], negatives], axis=1)
-  scores = jnp.einsum("bkd,bd->bk", rows, anchor, preferred_element_type=jnp.float32)
+  # Full float32 products: accelerators default to TF32 (GPU) or one bfloat16 pass (TPU), and
+  # exp(score / 0.07) magnifies any error in the score 14-fold.
+  scores = jnp.einsum("bkd,bd->bk", rows, anchor, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
   return scores / temperature
 
 

@@ -141,7 +141,9 @@ def attention_transfer(student_features, teacher_features, *, p: int = 2, where=
 
 def _channel_gram_sq_mean(a, b):
   """mean_{c, c'} (sum_x a[x, c] b[x, c'])^2 per example for [n, X, C] maps: [n]."""
-  k = jnp.einsum("nxc,nxd->ncd", a, b, preferred_element_type=jnp.float32)
+  # Full float32 products: accelerators default to TF32 (GPU) or one bfloat16 pass (TPU).
+  k = jnp.einsum("nxc,nxd->ncd", a, b, precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
   return jnp.mean(jnp.square(k), axis=(1, 2))
 
 

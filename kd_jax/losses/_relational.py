@@ -27,6 +27,10 @@ from kd_jax.losses._validation import check_where
 
 __all__ = ["gram", "sp", "rkd", "pkt", "cc"]
 
+# Full float32 products for the [b, b] structures: by default accelerators compute float32 dots
+# in TF32 (recent GPUs) or one bfloat16 pass (TPU), which is far from the reference's values.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _layer_pairs(student, teacher, student_name, teacher_name):
   """Returns [(student_i, teacher_i)] for a single pair or for two equally long sequences."""
@@ -73,7 +77,8 @@ def gram(features, *, where=None, eps: float = NORM_EPS):
 
   `G[i, :] = (Q Q^T)[i, :] / max(||(Q Q^T)[i, :]||_2, eps)`, exactly as RepDistiller's
   `Similarity.similarity_loss` (`torch.mm` then `F.normalize`, whose eps is 1e-12). The product is
-  accumulated in float32 (`preferred_element_type`) even for bfloat16 features; a zero feature row
+  accumulated in float32 (`preferred_element_type`, at `Precision.HIGHEST`, so not in TF32 or
+  one bfloat16 pass on accelerators) even for bfloat16 features; a zero feature row
   gives a zero Gram row with a finite gradient.
 
   Args:
@@ -90,7 +95,7 @@ def gram(features, *, where=None, eps: float = NORM_EPS):
   check_where(where, jnp.shape(features)[:1])
   q = _flatten_rows(features, where)
   acc = jnp.promote_types(q.dtype, jnp.float32)
-  g = jnp.matmul(q, q.T, preferred_element_type=acc)
+  g = jnp.matmul(q, q.T, precision=_HIGHEST, preferred_element_type=acc)
   return l2_normalize(g, axis=-1, eps=eps)
 
 
@@ -184,7 +189,8 @@ def _rkd_distances(diff, pair):
 def _rkd_angles(diff):
   """cos of the angle at i between j and k: <unit(e_j - e_i), unit(e_k - e_i)>, [b, b, b]."""
   unit = l2_normalize(diff, axis=-1)
-  return jnp.einsum("ijd,ikd->ijk", unit, unit, preferred_element_type=jnp.float32)
+  return jnp.einsum("ijd,ikd->ijk", unit, unit, precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
 
 
 def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
@@ -256,7 +262,7 @@ def _pkt_similarity(x, where, eps):
   """Row-stochastic [b, b] matrix of PKT: (cos + 1) / 2, normalised over the valid columns."""
   norm = safe_sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
   x = x / (norm + eps)
-  cos = jnp.matmul(x, x.T, preferred_element_type=jnp.float32)
+  cos = jnp.matmul(x, x.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
   p = (cos + 1.0) / 2.0
   if where is not None:
     p = p * _pair_mask(where, x.shape[0])
