@@ -124,6 +124,7 @@ def test_mask_gradients_and_degenerate_inputs():
   sub = {k: v[keep] for k, v in inputs.items()}
   np.testing.assert_allclose(got[keep], _crd(**sub), rtol=1e-5)
   assert float(got[1]) == 0.0
+  np.testing.assert_allclose(_norms(**inputs, where=where), _norms(**sub), rtol=1e-5)
   none = jnp.zeros((B,), bool)
   f = jax.jit(jax.value_and_grad(
       lambda s, t, w: _crd(**{**inputs, "student_embed": s, "teacher_embed": t},
