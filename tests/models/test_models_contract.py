@@ -13,6 +13,12 @@ def _params(model):
   return nnx.state(model, nnx.Param)
 
 
+@nnx.jit(static_argnums=2)
+def _fwd(model, x, train):
+  """One compiled forward per model and mode (eager mode would compile every op separately)."""
+  return model(x, train=train)
+
+
 def test_available_is_sorted_and_has_the_digits_models():
   names = models.available()
   assert names == sorted(names)
@@ -53,7 +59,7 @@ def test_digits_outputs(name, keys):
   model = models.create(name, num_classes=7)
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
   for train in (True, False):
-    logits, feats = model(x, train=train)
+    logits, feats = _fwd(model, x, train)
     assert logits.shape == (3, 7) and logits.dtype == jnp.float32
     assert set(feats) == keys
     assert feats["embedding"].ndim == 2 and feats["embedding"].shape[0] == 3
@@ -71,7 +77,7 @@ def test_digits_outputs(name, keys):
 def test_cnn_digits_embedding_is_spatial_mean_of_last_stage():
   model = models.create("cnn_digits", num_classes=10)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
-  _, feats = model(x, train=False)
+  _, feats = _fwd(model, x, False)
   assert feats["stage2"].shape == (2, 4, 4, 32)
   np.testing.assert_allclose(feats["embedding"], np.asarray(feats["stage2"]).mean(axis=(1, 2)),
                              rtol=1e-6, atol=1e-6)
@@ -81,7 +87,7 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
   model = models.create("cnn_digits", num_classes=10)
   x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1)) * 3.0 + 1.0
   z = np.asarray(model.conv1(x), np.float64)  # conv1 output, the input of bn1
-  _, feats = model(x, train=True)
+  _, feats = _fwd(model, x, True)
   mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
   expected_stem = np.maximum((z - mean) / np.sqrt(var + 1e-5), 0.0)  # scale 1, bias 0 at init
   np.testing.assert_allclose(feats["stem"], expected_stem, rtol=1e-4, atol=1e-4)
@@ -96,21 +102,21 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
 def test_batchnorm_eval_uses_running_averages_and_changes_nothing():
   model = models.create("cnn_digits", num_classes=10)
   x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
-  model(x, train=True)  # move the running averages away from (0, 1)
+  _fwd(model, x, True)  # move the running averages away from (0, 1)
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   z = np.asarray(model.conv1(x), np.float64)
-  _, feats = model(x, train=False)
+  _, feats = _fwd(model, x, False)
   m, v = np.asarray(model.bn1.mean[...]), np.asarray(model.bn1.var[...])
   np.testing.assert_allclose(feats["stem"], np.maximum((z - m) / np.sqrt(v + 1e-5), 0.0),
                              rtol=1e-4, atol=1e-4)
   after = nnx.state(model, nnx.BatchStat)
   jax.tree.map(np.testing.assert_array_equal, before, after)
   # Eval output of an example does not depend on the rest of the batch; train output does.
-  full, _ = model(x, train=False)
-  one, _ = model(x[:1], train=False)
+  full, _ = _fwd(model, x, False)
+  one, _ = _fwd(model, x[:1], False)
   np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-5)
-  full_t, _ = model(x, train=True)
-  half_t, _ = model(x[:2], train=True)
+  full_t, _ = _fwd(model, x, True)
+  half_t, _ = _fwd(model, x[:2], True)
   assert not np.allclose(full_t[:2], half_t, atol=1e-4)
 
 
@@ -126,7 +132,7 @@ def test_functional_use_under_jit():
 
   x = jax.random.normal(jax.random.key(4), (4, 8, 8, 1))
   logits, new_stats = step(params, stats, x)
-  eager, _ = model(x, train=True)
+  eager, _ = _fwd(model, x, True)  # nnx.jit on the module itself
   np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
                new_stats, nnx.state(model, nnx.BatchStat))
@@ -138,10 +144,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
   ref = models.create(name, num_classes=10)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(_params(model)))
   x = jax.random.normal(jax.random.key(5), (2, 8, 8, 1))
-  logits, feats = model(x, train=False)
+  logits, feats = _fwd(model, x, False)
   assert logits.dtype == jnp.float32
   assert feats["embedding"].dtype == jnp.bfloat16
-  ref_logits, _ = ref(x, train=False)
+  ref_logits, _ = _fwd(ref, x, False)
   np.testing.assert_allclose(logits, ref_logits, rtol=0.05, atol=0.05)
 
 
