@@ -337,40 +337,47 @@ def _proxy_teacher(teacher_probs, epsilon, tol, damping, *, method, max_iter, gr
   valid = _epsilon_is_valid(epsilon, grid_size=grid_size)
   batch_shape = pt.shape[:-1]
 
-  def newton_step(q, lam, tilde):
-    u = 1.0 - q
-    drho = _horner(d1, u) - q * _horner(d2, u)  # rho'(q) = P'(u) - q P''(u)
+  def newton_step(q, lam, dp, tilde):
+    drho = dp - q * _horner(d2, 1.0 - q)  # rho'(q) = P'(u) - q P''(u)
     f = tilde - lam * q
     # dF/dq_k = p^t_k rho'(q_k) - lam, negative near the solution of a valid epsilon; keep it so.
-    d = jnp.minimum(pt * drho - lam, -1e-6 * lam)
+    inv_d = 1.0 / jnp.minimum(pt * drho - lam, -1e-6 * lam)
     r = 1.0 - jnp.sum(q, axis=-1, keepdims=True)
-    dlam = (r + jnp.sum(f / d, axis=-1, keepdims=True)) / jnp.sum(q / d, axis=-1, keepdims=True)
-    q_new = jnp.clip(q + (q * dlam - f) / d, 0.0, 1.0)
+    dlam = ((r + jnp.sum(f * inv_d, axis=-1, keepdims=True))
+            / jnp.sum(q * inv_d, axis=-1, keepdims=True))
+    q_new = jnp.clip(q + (q * dlam - f) * inv_d, 0.0, 1.0)
     return q_new, jnp.maximum(lam + dlam, 1e-12)
 
+  def evaluate(q):
+    """P'(1 - q), p~(q) and the residual at q."""
+    dp = _horner(d1, 1.0 - q)
+    tilde = pt * (1.0 + q * dp)
+    return dp, tilde, _residual(q, tilde)
+
   def body(state):
-    it, q, lam, iters, _ = state
-    tilde = _tilde(pt, q, d1)
-    res = _residual(q, tilde)
+    it, q, lam, dp, res, iters = state
     active = res > tol
+    tilde = pt * (1.0 + q * dp)
     if method == "newton":
-      q_new, lam_new = newton_step(q, lam, tilde)
+      q_new, lam_new = newton_step(q, lam, dp, tilde)
     else:
       s = jnp.sum(tilde, axis=-1, keepdims=True)
       q_new = (1.0 - damping) * q + damping * tilde / jnp.where(s > 0, s, 1.0)
       lam_new = lam
-    # Keep iterates on the simplex, so that the residual tested here is the one reported.
+    # Keep iterates on the simplex, so that the residual tested is the one reported.
     q_new = q_new / jnp.maximum(jnp.sum(q_new, axis=-1, keepdims=True), 1e-30)
-    q = jnp.where(active[..., None], q_new, q)
-    lam = jnp.where(active[..., None], lam_new, lam)
-    return it + 1, q, lam, iters + active.astype(jnp.int32), jnp.any(active)
+    dp_new, _, res_new = evaluate(q_new)
+    keep = active[..., None]
+    return (it + 1, jnp.where(keep, q_new, q), jnp.where(keep, lam_new, lam),
+            jnp.where(keep, dp_new, dp), jnp.where(active, res_new, res),
+            iters + active.astype(jnp.int32))
 
   def cond(state):
-    it, *_, any_active = state
-    return (it < max_iter) & any_active
+    it, *_, res, _ = state
+    return (it < max_iter) & jnp.any(res > tol)
 
-  lam0 = jnp.sum(_tilde(pt, pt, d1), axis=-1, keepdims=True)
-  init = (jnp.int32(0), pt, lam0, jnp.zeros(batch_shape, jnp.int32), jnp.bool_(True))
-  _, q, _, iters, _ = jax.lax.while_loop(cond, body, init)
-  residual = _residual(q, _tilde(pt, q, d1))
+  dp0, tilde0, res0 = evaluate(pt)
+  lam0 = jnp.sum(tilde0, axis=-1, keepdims=True)
+  init = (jnp.int32(0), pt, lam0, dp0, res0, jnp.zeros(batch_shape, jnp.int32))
+  _, q, _, _, residual, iters = jax.lax.while_loop(cond, body, init)
   return ProxyTeacher(q, iters, residual, residual <= tol, valid)
