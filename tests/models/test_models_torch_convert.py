@@ -5,6 +5,8 @@ wrn_16_1 (10 classes) with random weights and randomised batch-norm statistics, 
 PyTorch's eval- and train-mode outputs and updated running statistics.
 """
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from flax import nnx
 
 from kd_jax.models import torch_convert
 
-from models_testlib import abstract_model
+from models_testlib import FIXTURES, abstract_model, synthetic_state_dict
 
 NAMES = ["resnet8", "wrn_16_1"]
 
@@ -138,3 +140,26 @@ def test_mobilenetv2_sequential_indices(key, expected):
 def test_relu_position_cannot_hold_weights():
   with pytest.raises(ValueError, match="ReLU"):
     torch_convert._rename_vgg("block0.2.weight")
+
+
+@pytest.fixture(scope="module")
+def torch_synthetic():
+  with np.load(os.path.join(FIXTURES, "torch_synthetic.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name", ["vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"])
+def test_other_families_match_pytorch(name, torch_keys, torch_synthetic):
+  """Deterministic numpy weights -> PyTorch outputs (fixture) == converted kd_jax outputs."""
+  shapes = torch_keys[name]["state_dict"]
+  model = torch_convert.model_from_torch_state_dict(
+      name, synthetic_state_dict(name, shapes), num_classes=100)
+  logits, feats = _forward(model, jnp.asarray(_nhwc(torch_synthetic["x"])), False)
+  for key, ours in (("logits", logits), ("embedding", feats["embedding"]),
+                    ("pre_pool", feats["pre_pool"])):
+    if f"{name}/{key}" not in torch_synthetic:
+      continue
+    theirs = torch_synthetic[f"{name}/{key}"]
+    theirs = _nhwc(theirs) if theirs.ndim == 4 else theirs
+    scale = float(np.abs(theirs).max())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * max(scale, 1.0), err_msg=key)
