@@ -7,6 +7,7 @@ over the batch axis, so the result is exact whatever the padding and the number 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,11 +36,13 @@ def _sums(graphdef, variables, batch, axis_name, input_key):
   return sums
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None, *,
                    input_key: str = "image"):
   """A jitted `eval_step(variables, batch) -> {"correct", "loss", "count"}` (sums).
 
-  With a mesh the batch is split over its devices (batch size divisible by the device count) and
+  Cached per (graphdef, mesh), so runs of the same architecture share one compilation. With a
+  mesh the batch is split over its devices (batch size divisible by the device count) and
   the variables must be replicated on it; without one it runs on the default device.
   """
   if mesh is None:

@@ -88,7 +88,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
     self.every = every
 
   def latest_step(self) -> int | None:
@@ -101,24 +102,39 @@ class Checkpointer:
     """Writes `state` (whose step is `step`) unless that step is already saved."""
     if step not in self.manager.all_steps():
       self.manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)), force=True)
+      self.manager.wait_until_finished()
 
   def restore(self, template: TrainState, sharding=None) -> TrainState:
-    """Restores the latest checkpoint into the structure (and sharding) of `template`."""
+    """Restores the latest checkpoint into the structure (and sharding) of `template`.
+
+    Raises:
+      ValueError: the checkpoint's arrays differ in number, shape or dtype from the template's
+        (a workdir written by another config), naming the checkpoint and the first differing
+        arrays by their path in the state.
+    """
     step = self.manager.latest_step()
+    where = f"{self.directory}/{step}"
     target = _abstract_saveable(template, sharding)
     meta = self.manager.item_metadata(step)
-    saved_keys = set(meta.keys()) if hasattr(meta, "keys") else set(target)
-    if saved_keys != set(target):
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} holds {len(saved_keys)} arrays but this run's "
-          f"state has {len(target)}: was the workdir written by another config (model, loss or "
-          "optimizer)? Use a fresh --workdir.")
-    try:
-      saved = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    except ValueError as e:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's state "
-                       f"(another config in the same workdir?): {e}") from e
-    return _from_saved(template, saved)
+    saved = dict(getattr(meta, "tree", meta) or {})
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    problems = []
+    if set(saved) != set(target):
+      problems.append(f"the checkpoint holds {len(saved)} arrays, this run's state {len(target)}")
+    for (key, want), path in zip(target.items(), paths):
+      have = saved.get(key)
+      if have is not None and (tuple(have.shape) != tuple(want.shape) or
+                               np.dtype(have.dtype) != np.dtype(want.dtype)):
+        problems.append(f"state{path}: checkpoint {tuple(have.shape)} {have.dtype} vs this run "
+                        f"{tuple(want.shape)} {want.dtype}")
+      if len(problems) >= 4:
+        break
+    if problems:
+      raise ValueError(f"checkpoint {where} does not match this run's state (was the workdir "
+                       "written with another model, loss or optimizer? use a fresh workdir): " +
+                       "; ".join(problems))
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    return _from_saved(template, restored)
 
   def close(self):
     self.manager.close()

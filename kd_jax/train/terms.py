@@ -312,9 +312,10 @@ def _dkd(ctx: TermContext, alpha: float = 1.0, beta: float = 8.0, temperature: f
 
 
 @register_term("ptloss")
-def _ptloss(ctx: TermContext, epsilon=0.0, temperature: float = 1.0):
-  """PTLoss, `losses.ptloss` with perturbation coefficient(s) `epsilon`, mean over valid rows."""
-  eps = jnp.asarray(epsilon, jnp.float32)
+def _ptloss(ctx: TermContext, epsilon=(0.0,), temperature: float = 1.0):
+  """PTLoss, `losses.ptloss` with coefficients `epsilon` ([M] or [K, M]; a scalar is [1]),
+  mean over valid rows. Choose epsilon with `kd_jax.ptloss.select_coefficients`."""
+  eps = jnp.atleast_1d(jnp.asarray(epsilon, jnp.float32))
   return masked_mean(losses.ptloss(ctx.student.logits, _t_logits(ctx), eps,
                                    temperature=temperature, where=ctx.where), ctx.where)
 

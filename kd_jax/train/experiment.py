@@ -1,0 +1,308 @@
+"""One distillation experiment from a config: teacher, then the same student under each method.
+
+`run(config, workdir)` is what `python -m experiments.main` executes (configs in
+`experiments/configs/`). In order:
+
+1. Validate everything that can be checked without training: model names, every method's loss
+   spec, the teacher/student class counts, the global batch versus the device count.
+2. Teacher: restore it from its Orbax checkpoint (`config.teacher.checkpoint`, default
+   `<workdir>/teacher/checkpoint`) if present, otherwise train it with cross-entropy and save it.
+   Its outputs are checked (finite, right class count) before any student step.
+3. PTLoss coefficients: selected on the validation split with `kd_jax.ptloss.select_coefficients`
+   (or a fixed `config.ptloss.epsilon`).
+4. Each method in `config.methods` (name -> loss spec) trains the student from the same seed and
+   the same data order, with its own checkpoints under `<workdir>/students/<name>`, resumable.
+5. Test accuracy per method is printed as a table and written to `<workdir>/results.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kd_jax import data as data_lib
+from kd_jax import models
+from kd_jax import parallel
+from kd_jax import teachers
+from kd_jax.train import loop
+from kd_jax.train import terms as terms_lib
+from kd_jax.train.evaluate import evaluate, make_eval_step, predict_logits
+from kd_jax.train.state import TrainState, sgd, step_decay_schedule
+from kd_jax.train.step import make_train_step
+
+
+# ---------------------------------------------------------------------------- data
+
+class Dataset:
+  """Train / val / test streams of the configured dataset (digits offline, or CIFAR via TFDS)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.name = config.dataset
+    self.batch_size = int(config.batch_size)
+    self.eval_batch_size = int(config.get("eval_batch_size", 256))
+    self.seed = int(config.seed)
+    if self.name == "digits":
+      splits = data_lib.load_digits(seed=self.seed)
+      self.num_classes = splits.num_classes
+      self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
+      self.num_train = len(splits.train["label"])
+    elif self.name in data_lib.CIFAR_NUM_CLASSES:
+      self.num_classes = data_lib.CIFAR_NUM_CLASSES[self.name]
+      self.data_dir = config.get("data_dir") or None
+      self._sources = {
+          "train": data_lib.tfds_source(self.name, config.get("train_split", "train"),
+                                        data_dir=self.data_dir),
+          "val": data_lib.tfds_source(self.name, config.get("val_split", "test"),
+                                      data_dir=self.data_dir),
+          "test": data_lib.tfds_source(self.name, "test", data_dir=self.data_dir)}
+      self.num_train = len(self._sources["train"])
+    else:
+      raise ValueError(f"unknown dataset {self.name!r}; expected 'digits' or one of "
+                       f"{sorted(data_lib.CIFAR_NUM_CLASSES)}.")
+    self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, self.batch_size)
+
+  def train(self, start_step: int = 0):
+    shards = dict(num_shards=jax.process_count(), shard_index=jax.process_index())
+    if self.name == "digits":
+      return data_lib.batches(self._splits["train"], batch_size=self.batch_size, seed=self.seed,
+                              start_step=start_step, **shards)
+    return data_lib.cifar(self.name, batch_size=self.batch_size, seed=self.seed, train=True,
+                          start_step=start_step, source=self._sources["train"], **shards)
+
+  def eval(self, split: str):
+    if self.name == "digits":
+      return data_lib.eval_batches(self._splits[split], batch_size=self.eval_batch_size)
+    return data_lib.cifar(self.name, batch_size=self.eval_batch_size, train=False,
+                          source=self._sources[split])
+
+
+# ---------------------------------------------------------------------------- validation
+
+def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = None) -> None:
+  """Checks a config before anything trains; raises ValueError with a clear message.
+
+  Unknown model names, unknown loss terms or options (every method), a teacher whose class count
+  differs from the student's or the dataset's, or a global batch that does not split evenly over
+  the devices.
+  """
+  known = models.available()
+  for who in ("teacher", "student"):
+    name = config[who].model
+    if name not in known:
+      raise ValueError(f"unknown {who} model name {name!r} in the config; known names: "
+                       f"{', '.join(known)}")
+  options = dict(config.get("loss_options", {}) or {})
+  for method, spec in dict(config.methods).items():
+    try:
+      present = {t.name for t in terms_lib.parse_terms(spec)}
+      terms_lib.parse_terms(spec, {k: v for k, v in options.items() if k in present})
+    except ValueError as e:
+      raise ValueError(f"method {method!r}: {e}") from None
+  t_classes = config.teacher.get("num_classes") or num_classes
+  s_classes = config.student.get("num_classes") or num_classes
+  if t_classes is not None and s_classes is not None and t_classes != s_classes:
+    raise ValueError(f"teacher/student class mismatch: the teacher has {t_classes} classes and "
+                     f"the student {s_classes} (different datasets?).")
+  if num_classes is not None and s_classes != num_classes:
+    raise ValueError(f"the student has {s_classes} classes but the dataset "
+                     f"{config.dataset!r} has {num_classes}.")
+  n = int(config.get("num_devices") or 0) or jax.device_count()
+  if int(config.batch_size) % n:
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by the {n} devices "
+                     "(the global batch is split evenly over them).")
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def _optimizer(cfg, steps_per_epoch: int):
+  schedule = step_decay_schedule(float(cfg.learning_rate), steps_per_epoch=steps_per_epoch,
+                                 decay_epochs=tuple(cfg.get("decay_epochs", ()) or ()),
+                                 decay_rate=float(cfg.get("decay_rate", 0.1)))
+  return sgd(schedule, momentum=float(cfg.get("momentum", 0.9)),
+             weight_decay=float(cfg.get("weight_decay", 0.0)))
+
+
+def _num_steps(cfg, steps_per_epoch: int) -> int:
+  steps = int(cfg.get("num_steps", 0) or 0)
+  return steps if steps > 0 else int(cfg.num_epochs) * steps_per_epoch
+
+
+def _model_options(cfg) -> dict[str, Any]:
+  return dict(cfg.get("options", {}) or {})
+
+
+def create_model(name: str, *, num_classes: int, seed: int, **options) -> nnx.Module:
+  """`kd_jax.models.create` with its initialisers compiled as one program.
+
+  Eager initialisation dispatches (and on a fresh process compiles) every initialiser op one by
+  one; under `nnx.jit` the whole initialisation is one compilation, which is much faster.
+  """
+  return nnx.jit(lambda: models.create(name, num_classes=num_classes, rngs=nnx.Rngs(seed),
+                                       **options))()
+
+
+class _Runner:
+  """Shared machinery of one experiment: mesh, dataset, evaluation, fitting."""
+
+  def __init__(self, config, workdir):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    n = int(config.get("num_devices") or 0) or None
+    self.mode = config.get("parallel", "shard_map")
+    self.mesh = parallel.make_mesh(n) if self.mode == "shard_map" else None
+    self.data = Dataset(config)
+    self.progress = bool(config.get("progress", True))
+
+  def eval_fn(self, graphdef, split):
+    step = make_eval_step(graphdef, self.mesh)
+
+    def fn(state_or_vars):
+      variables = (state_or_vars.variables() if isinstance(state_or_vars, TrainState)
+                   else dict(state_or_vars))
+      if self.mesh is not None:
+        variables = parallel.replicate(variables, self.mesh)
+      return {"split": split, **evaluate(step, variables, self.data.eval(split), mesh=self.mesh)}
+
+    return fn
+
+  def fit(self, name, model, cfg, loss, *, teacher=None, loss_options=None):
+    spe = self.data.steps_per_epoch
+    tx = _optimizer(cfg, spe)
+    state = TrainState.create(model, tx, rng=jax.random.key(int(self.config.seed)))
+    axis = None if self.mode == "none" else parallel.BATCH_AXIS
+    step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
+                           loss_options=loss_options, axis_name=axis)
+    num_steps = _num_steps(cfg, spe)
+    eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
+    return loop.fit(
+        state, step, self.data.train, num_steps=num_steps,
+        teacher_variables=None if teacher is None else teacher.variables, mode=self.mode,
+        mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
+        checkpoint_every=int(self.config.get("checkpoint_every", 0) or 0),
+        log_every=int(self.config.get("log_every", 50)), eval_every=eval_every,
+        eval_fn=self.eval_fn(state.graphdef, "val"), progress=self.progress)
+
+
+def _teacher(runner: _Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
+  """Restores the teacher from its checkpoint, or trains and saves it. Returns (teacher, trained)."""
+  tcfg = config.teacher
+  num_classes = int(tcfg.get("num_classes") or runner.data.num_classes)
+  path = tcfg.get("checkpoint") or os.path.join(runner.workdir, "teacher", "checkpoint")
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
+                                    **_model_options(tcfg)), False
+  if tcfg.get("checkpoint"):
+    raise FileNotFoundError(f"teacher checkpoint {path} (config.teacher.checkpoint) does not "
+                            "exist; leave it empty to train a teacher in the workdir.")
+  model = create_model(tcfg.model, num_classes=num_classes, seed=int(config.seed) + 1000,
+                       **_model_options(tcfg))
+  state, _ = runner.fit("teacher", model, tcfg, "ce:1")
+  trained = state.model()
+  teachers.save_teacher(path, trained, overwrite=True)  # every process calls it (Orbax syncs)
+  return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
+                                  **_model_options(tcfg)), True
+
+
+def _ptloss_epsilon(runner: _Runner, config, teacher) -> tuple[list, dict]:
+  pcfg = config.get("ptloss", ml_collections.ConfigDict())
+  if not pcfg.get("select", False):
+    eps = np.atleast_1d(np.asarray(pcfg.get("epsilon", [0.0]), np.float32))
+    return eps.tolist(), {"selected": False}
+  from kd_jax import ptloss as ptloss_lib  # pylint: disable=g-import-not-at-top
+  t_vars = jax.device_get(teacher.variables)
+  logits = predict_logits(teacher.graphdef, t_vars, runner.data.eval("val"))
+  labels = np.concatenate([b["label"][b["mask"]] for b in runner.data.eval("val")])
+  temperature = float((config.get("loss_options", {}) or {}).get("ptloss", {}).get(
+      "temperature", 1.0))
+  sel = ptloss_lib.select_coefficients(
+      jnp.asarray(logits), jnp.asarray(labels), key=jax.random.key(int(config.seed)),
+      order=int(pcfg.get("order", 5)), num_candidates=int(pcfg.get("num_candidates", 64)),
+      scale=float(pcfg.get("scale", 1.0)), temperature=temperature)
+  info = {"selected": True, "index": int(sel.index), "score": float(sel.scores[sel.index]),
+          "vanilla_score": float(sel.scores[0]), "num_invalid": int(sel.num_invalid)}
+  return np.asarray(sel.epsilon).tolist(), info
+
+
+def _table(results: Mapping[str, Any]) -> str:
+  rows = [("method", "loss", "test acc %")]
+  t = results["teacher"]
+  rows.append((f"teacher ({t['model']})", "ce:1", f"{100 * t['test_accuracy']:.2f}"))
+  for name, r in results["methods"].items():
+    rows.append((f"{name} ({results['student_model']})", r["loss"],
+                 f"{100 * r['test_accuracy']:.2f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+  return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] +
+                   [line(r) for r in rows[1:]])
+
+
+# ---------------------------------------------------------------------------- run
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the experiment described by `config` in `workdir` (resuming what is there).
+
+  Returns:
+    The results dict also written to `<workdir>/results.json`: the teacher's test accuracy and,
+    per method, its loss spec and test / validation accuracy.
+  """
+  if config.get("distributed", False):
+    parallel.initialize_distributed()
+  validate(config)
+  runner = _Runner(config, workdir)
+  validate(config, num_classes=runner.data.num_classes)
+  os.makedirs(runner.workdir, exist_ok=True)
+
+  teacher, trained = _teacher(runner, config)
+  teachers.check_teacher_outputs(
+      teacher, runner.data.eval("val"),
+      student_num_classes=int(config.student.get("num_classes") or runner.data.num_classes))
+  t_test = runner.eval_fn(teacher.graphdef, "test")(teacher.variables)
+
+  options = {k: dict(v) for k, v in dict(config.get("loss_options", {}) or {}).items()}
+  specs = dict(config.methods)
+  order = [m for m in (config.get("method_order") or ()) if m in specs]
+  specs = {m: specs[m] for m in order + sorted(set(specs) - set(order))}
+  eps_info = None
+  if any("ptloss" in {t.name for t in terms_lib.parse_terms(s)} for s in specs.values()):
+    eps, eps_info = _ptloss_epsilon(runner, config, teacher)
+    options.setdefault("ptloss", {})["epsilon"] = eps
+    eps_info["epsilon"] = eps
+
+  results = {"dataset": config.dataset, "seed": int(config.seed),
+             "teacher": {"model": config.teacher.model, "test_accuracy": t_test["accuracy"],
+                         "trained_here": trained, "checkpoint": teacher.path},
+             "student_model": config.student.model, "methods": {}}
+  if eps_info is not None:
+    results["ptloss"] = eps_info
+  scfg = config.student
+  # One initialisation; every method starts from a copy of it (the same seed).
+  graphdef, init_state = nnx.split(create_model(
+      scfg.model, num_classes=runner.data.num_classes, seed=int(config.seed),
+      **_model_options(scfg)))
+  for name, spec in specs.items():
+    present = {t.name for t in terms_lib.parse_terms(spec)}
+    model = nnx.merge(graphdef, jax.tree.map(jnp.array, init_state))
+    state, history = runner.fit(os.path.join("students", name), model, scfg, spec,
+                                teacher=teacher,
+                                loss_options={k: v for k, v in options.items() if k in present})
+    test = runner.eval_fn(state.graphdef, "test")(state)
+    vals = [h["accuracy"] for h in history if h["split"] == "val"]
+    results["methods"][name] = {"loss": spec, "test_accuracy": test["accuracy"],
+                                "val_accuracy": vals[-1] if vals else None,
+                                "best_val_accuracy": max(vals) if vals else None,
+                                "steps": int(state.step)}
+  if jax.process_index() == 0:
+    with open(os.path.join(runner.workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    print(_table(results), flush=True)
+  return results

@@ -1,0 +1,97 @@
+"""The main job end to end on digits (tiny settings), its resume, and its bad-input messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import default
+from kd_jax import models
+from kd_jax import teachers
+from kd_jax.train import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.teacher.num_steps=40", "--config.student.num_steps=12",
+        "--config.checkpoint_every=5", "--config.eval_every_epochs=0", "--config.progress=false",
+        "--config.ptloss.num_candidates=8", "--config.log_every=5"]
+
+
+def _tiny_config():
+  c = default.get_config()
+  c.teacher.num_steps, c.student.num_steps = 40, 12
+  c.checkpoint_every, c.eval_every_epochs, c.progress = 5, 0, False
+  c.ptloss.num_candidates, c.log_every = 8, 5
+  return c
+
+
+def _main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_main_job_end_to_end_and_resume(tmp_path):
+  workdir = tmp_path / "wd"
+  proc = _main(f"--workdir={workdir}", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.load(open(workdir / "results.json"))
+  assert list(results["methods"]) == ["student", "kd", "ptloss", "sp"]
+  assert results["teacher"]["trained_here"] is True
+  # 40 steps of SGD on digits: far above chance (0.1) for the teacher.
+  assert results["teacher"]["test_accuracy"] > 0.5
+  for name, r in results["methods"].items():
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 12, name
+  assert results["ptloss"]["selected"] and len(results["ptloss"]["epsilon"]) == 5
+  # The table: the teacher and every method with its accuracy in percent.
+  for name, r in results["methods"].items():
+    assert f"{100 * r['test_accuracy']:.2f}" in proc.stdout
+  assert f"{100 * results['teacher']['test_accuracy']:.2f}" in proc.stdout
+  # Metrics and checkpoints per run.
+  for run in ("teacher", "students/kd", "students/sp"):
+    assert os.path.exists(workdir / run / "metrics.jsonl")
+    assert os.listdir(workdir / run / "tensorboard")
+  assert "12" in os.listdir(workdir / "students" / "kd" / "checkpoints")
+  assert os.path.isdir(workdir / "teacher" / "checkpoint")
+  kd_records = [json.loads(l) for l in open(workdir / "students" / "kd" / "metrics.jsonl")]
+  assert {"loss/ce", "loss/kd", "weight/kd"} <= set(kd_records[0])
+
+  # Restarted in the same workdir (here in-process, on the 8 simulated devices): the teacher is
+  # restored, every run resumes at its last checkpoint (already final) and the results agree.
+  again = experiment.run(_tiny_config(), str(workdir))
+  assert again["teacher"]["trained_here"] is False
+  assert again["teacher"]["test_accuracy"] == results["teacher"]["test_accuracy"]
+  for name, r in results["methods"].items():
+    assert again["methods"][name]["test_accuracy"] == r["test_accuracy"], name
+
+
+def test_bad_input_stops_before_training(tmp_path):
+  proc = _main(f"--workdir={tmp_path / 'a'}", "--config.student.model=resnet9000")
+  assert proc.returncode == 1
+  assert "unknown student model name 'resnet9000'" in proc.stderr
+  assert not os.path.exists(tmp_path / "a" / "teacher")
+
+  c = _tiny_config()
+  c.methods.kd = "ce:0.1,kdd:0.9"
+  with pytest.raises(ValueError, match=r"method 'kd': unknown loss term 'kdd'.*known terms"):
+    experiment.run(c, str(tmp_path / "b"))
+  c = _tiny_config()
+  c.teacher.num_classes = 5
+  with pytest.raises(ValueError, match="teacher/student class mismatch.*5 classes.*10"):
+    experiment.run(c, str(tmp_path / "c"))
+  assert not os.path.exists(tmp_path / "b" / "teacher")
+  assert not os.path.exists(tmp_path / "c" / "teacher")
+
+
+def test_nan_teacher_is_refused(tmp_path):
+  model = models.create("cnn_digits", num_classes=10, width=16)
+  model.fc.kernel.value = model.fc.kernel.value * np.nan
+  path = teachers.save_teacher(tmp_path / "nan_teacher", model)
+  c = _tiny_config()
+  c.teacher.checkpoint = path
+  with pytest.raises(ValueError, match="non-finite.*logits"):
+    experiment.run(c, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd" / "students")
