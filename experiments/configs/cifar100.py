@@ -1,0 +1,105 @@
+"""RepDistiller's CIFAR-100 recipe for the teacher -> student pairs of the KD benchmark tables.
+
+ANCHORS.md 4.1 (RepDistiller = mdistiller, the community standard): 240 epochs, batch 64, SGD
+momentum 0.9, weight decay 5e-4, learning rate 0.05 (0.01 for MobileNetV2 / ShuffleV1 /
+ShuffleV2 students) decayed x0.1 at epochs 150, 180 and 210; crop 32 / pad 4 + flip, CIFAR-100
+mean/std. Methods: KD (T = 4, CE 0.1 + KD 0.9), SP (CE 1 + 3000 x SP on the last feature map
+before pooling, `pre_pool` = RepDistiller's feat[-2]), DKD (CE 1, alpha 1, beta per pair, T 4,
+20-epoch linear warm-up), RKD (CE 1 + 1 x RKD 25/50 on the pooled embedding). Teachers are
+trained with the same recipe (RepDistiller `train_teacher.py`) unless `teacher.checkpoint`
+points to one (e.g. converted with `kd_jax.models.torch_convert`).
+
+Pick the pair after a colon (names as in ANCHORS.md 3.1 / 3.2):
+
+  python -m experiments.main --workdir=/tmp/r32x4_r8x4 \\
+      --config=experiments/configs/cifar100.py:resnet32x4-resnet8x4
+
+Needs CIFAR-100 from TFDS (downloaded and prepared on first use, or `--config.data_dir`).
+"""
+
+import ml_collections
+
+# (teacher, student) -> DKD beta (mdistiller's per-pair CIFAR-100 configs; ANCHORS.md 4.1).
+PAIRS = {
+    "resnet56-resnet20": 2.0,
+    "resnet110-resnet20": 8.0,
+    "resnet110-resnet32": 2.0,
+    "resnet32x4-resnet8x4": 8.0,
+    "wrn_40_2-wrn_16_2": 6.0,
+    "wrn_40_2-wrn_40_1": 6.0,
+    "vgg13-vgg8": 6.0,
+    "vgg13-MobileNetV2": 6.0,
+    "ResNet50-MobileNetV2": 8.0,
+    "ResNet50-vgg8": 8.0,
+    "resnet32x4-ShuffleV1": 8.0,
+    "resnet32x4-ShuffleV2": 8.0,
+    "wrn_40_2-ShuffleV1": 8.0,
+}
+# RepDistiller lowers the learning rate for these students.
+SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+TRAIN_SIZE, BATCH_SIZE = 50_000, 64
+STEPS_PER_EPOCH = TRAIN_SIZE // BATCH_SIZE  # full batches only (781)
+
+
+def _schedule(c: ml_collections.ConfigDict, learning_rate: float) -> None:
+  c.num_epochs = 240
+  c.num_steps = 0
+  c.learning_rate = learning_rate
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.decay_epochs = (150, 180, 210)
+  c.decay_rate = 0.1
+
+
+def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
+  if pair not in PAIRS:
+    raise ValueError(f"unknown pair {pair!r}; known pairs: {', '.join(PAIRS)}")
+  teacher, student = pair.split("-")
+  c = ml_collections.ConfigDict()
+  c.dataset = "cifar100"
+  c.data_dir = ""              # "": TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.train_split = "train"
+  c.val_split = "test"         # RepDistiller reports test accuracy every epoch
+  c.seed = 0
+  c.batch_size = BATCH_SIZE    # global; the recipe is single-device batch 64 (ANCHORS.md 7.3)
+  c.eval_batch_size = 256
+  c.num_devices = 0
+  c.parallel = "shard_map"
+  c.distributed = False
+  c.checkpoint_every = 5 * STEPS_PER_EPOCH
+  c.log_every = 100
+  c.eval_every_epochs = 1      # val (= test) accuracy every epoch: last and best epoch both kept
+  c.progress = True
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.model = teacher
+  c.teacher.options = {}
+  c.teacher.num_classes = 0
+  c.teacher.checkpoint = ""
+  _schedule(c.teacher, 0.05)
+
+  c.student = ml_collections.ConfigDict()
+  c.student.model = student
+  c.student.options = {}
+  c.student.num_classes = 0
+  _schedule(c.student, 0.01 if student in SMALL_LR_STUDENTS else 0.05)
+
+  c.methods = ml_collections.ConfigDict({
+      "student": "ce:1",
+      "kd": "ce:0.1,kd:0.9",
+      "sp": "ce:1,sp:3000",
+      "dkd": "ce:1,dkd:1",
+      "rkd": "ce:1,rkd:1",
+  })
+  c.method_order = ("student", "kd", "sp", "dkd", "rkd")
+  c.loss_options = ml_collections.ConfigDict({
+      "kd": {"temperature": 4.0},
+      "sp": {"feature": "pre_pool", "all_gather": False},
+      "dkd": {"alpha": 1.0, "beta": PAIRS[pair], "temperature": 4.0,
+              "warmup_steps": 20 * STEPS_PER_EPOCH},
+      "rkd": {"feature": "embedding", "distance_weight": 25.0, "angle_weight": 50.0},
+  })
+  c.ptloss = ml_collections.ConfigDict()
+  c.ptloss.select = False
+  c.ptloss.epsilon = (0.0,)
+  return c

@@ -1,0 +1,68 @@
+"""Every experiment config parses, names known models and loss terms, and keeps its recipe."""
+
+import importlib
+import os
+
+import pytest
+
+from experiments.configs import cifar100
+from experiments.configs import default
+from kd_jax import models
+from kd_jax.train import experiment
+from kd_jax.train import terms
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "experiments", "configs")
+
+
+def _all_configs():
+  yield "default", default.get_config()
+  for pair in cifar100.PAIRS:
+    yield f"cifar100:{pair}", cifar100.get_config(pair)
+
+
+def test_every_config_file_is_covered():
+  files = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                 if f.endswith(".py") and not f.startswith("_"))
+  assert files == ["cifar100", "default"]
+  for f in files:
+    assert hasattr(importlib.import_module(f"experiments.configs.{f}"), "get_config")
+
+
+@pytest.mark.parametrize("name,config", list(_all_configs()), ids=lambda x: x
+                         if isinstance(x, str) else "")
+def test_config_is_valid(name, config):
+  known = models.available()
+  assert config.teacher.model in known and config.student.model in known, name
+  for method, spec in config.methods.items():
+    for term in terms.parse_terms(spec):
+      assert term.name in terms.known_terms(), (name, method)
+  experiment.validate(config)  # the same checks the main job runs before training
+  for m in config.method_order:
+    assert m in config.methods
+
+
+@pytest.mark.parametrize("pair", list(cifar100.PAIRS))
+def test_cifar100_configs_follow_the_repdistiller_recipe(pair):
+  c = cifar100.get_config(pair)
+  teacher, student = pair.split("-")
+  assert (c.teacher.model, c.student.model) == (teacher, student)
+  assert c.dataset == "cifar100" and c.batch_size == 64
+  for run in (c.teacher, c.student):
+    assert run.num_epochs == 240 and tuple(run.decay_epochs) == (150, 180, 210)
+    assert run.decay_rate == 0.1 and run.momentum == 0.9 and run.weight_decay == 5e-4
+  assert c.teacher.learning_rate == 0.05
+  small = student in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+  assert c.student.learning_rate == (0.01 if small else 0.05)
+  kd = {t.name: t for t in terms.parse_terms(c.methods.kd, {"kd": c.loss_options.kd})}
+  assert kd["ce"].weight == 0.1 and kd["kd"].weight == 0.9
+  assert dict(kd["kd"].options)["temperature"] == 4.0
+  sp = {t.name: t for t in terms.parse_terms(c.methods.sp, {"sp": c.loss_options.sp})}
+  assert sp["ce"].weight == 1 and sp["sp"].weight == 3000
+  assert dict(sp["sp"].options)["feature"] == "pre_pool"
+  assert c.loss_options.dkd.warmup_steps == 20 * (50_000 // 64)
+
+
+def test_unknown_pair():
+  with pytest.raises(ValueError, match="unknown pair 'resnet1-resnet2'"):
+    cifar100.get_config("resnet1-resnet2")
