@@ -23,6 +23,15 @@ float32; features are in the compute dtype (option `dtype`, default float32).
                     (WRN: block3's raw output before the final BN+ReLU; MobileNetV2: blocks[6]
                     output, before conv2).
   "embedding"       feat[-1]: the pooled penultimate vector the classifier reads, [B, D].
+
+Functional use (DESIGN.md): `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, where
+`rest` holds the batch-norm statistics (`nnx.BatchStat`) and, for a WRN with dropout, its RNG
+stream; `nnx.merge(graphdef, params, rest)` inside the jitted step, and return
+`nnx.state(model, nnx.BatchStat)` after a train-mode call to carry the updated statistics.
+Batch norm normalises with the statistics of the batch it sees (per device under shard_map or
+pmap, as RepDistiller's single-GPU recipe); its running variance follows PyTorch (unbiased).
+Pooling is global, which equals RepDistiller's fixed pooling windows for 32x32 inputs.
+PyTorch checkpoints: `kd_jax.models.torch_convert.from_torch_state_dict`.
 """
 
 from kd_jax.models._registry import available, create
