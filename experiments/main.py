@@ -30,10 +30,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from kd_jax.data import DatasetUnavailableError  # pylint: disable=g-import-not-at-top
   from kd_jax.train import experiment  # pylint: disable=g-import-not-at-top
   try:
     experiment.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, DatasetUnavailableError) as e:
     # Bad input (unknown model or loss, class mismatch, broken teacher): a clear message, no trace.
     print(f"error: {e}", file=sys.stderr)
     return 1

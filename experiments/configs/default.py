@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-term options, merged into every method that uses the term.
   c.loss_options = ml_collections.ConfigDict({
       "kd": {"temperature": 4.0},
-      "ptloss": {"temperature": 4.0},
+      "ptloss": {"temperature": 1.0},  # PTLoss has no T^2 factor; T = 1 keeps its scale
       "sp": {"feature": "pre_pool", "all_gather": False},
   })
   # PTLoss coefficients: selected on the validation split (kd_jax.ptloss.select_coefficients),

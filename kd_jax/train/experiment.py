@@ -182,6 +182,13 @@ class _Runner:
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis)
     num_steps = _num_steps(cfg, spe)
+    run_info = {"loss": [str(t) for t in step.terms], "model": cfg.model,
+                "model_options": {k: v for k, v in _model_options(cfg).items()},
+                "num_steps": num_steps, "batch_size": self.data.batch_size,
+                "optimizer": {k: cfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
+                                                      "decay_epochs", "decay_rate")},
+                "teacher": None if teacher is None else teacher.path,
+                "dataset": self.data.name, "seed": int(self.config.seed)}
     eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
     return loop.fit(
         state, step, self.data.train, num_steps=num_steps,
@@ -189,7 +196,7 @@ class _Runner:
         mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
         checkpoint_every=int(self.config.get("checkpoint_every", 0) or 0),
         log_every=int(self.config.get("log_every", 50)), eval_every=eval_every,
-        eval_fn=self.eval_fn(state.graphdef, "val"), progress=self.progress)
+        eval_fn=self.eval_fn(state.graphdef, "val"), progress=self.progress, run_info=run_info)
 
 
 def _teacher(runner: _Runner, config) -> tuple[teachers.FrozenTeacher, bool]:

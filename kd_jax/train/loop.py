@@ -178,7 +178,8 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
         mesh: jax.sharding.Mesh | None = None, workdir: str | None = None,
         name: str = "train", checkpoint_every: int = 0, log_every: int = 50,
         eval_every: int = 0, eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
-        hooks: Sequence[Hook] = (), progress: bool = True) -> tuple[TrainState, list[dict]]:
+        hooks: Sequence[Hook] = (), progress: bool = True,
+        run_info: Mapping[str, Any] | None = None) -> tuple[TrainState, list[dict]]:
   """Trains `state` for `num_steps` steps (resuming from `workdir/checkpoints` if present).
 
   Args:
@@ -202,6 +203,9 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
     eval_fn: evaluation `eval_fn(state) -> {metric: value}` (e.g. val accuracy), or None.
     hooks: `hook(step, state, metrics)` called after every step (e.g. `stop_after(n)`).
     progress: show a tqdm progress bar.
+    run_info: a JSON-able description of the run (loss spec, model, steps...) stored as
+      `workdir/run.json`; resuming a workdir whose run.json differs raises instead of silently
+      continuing another experiment.
 
   Returns:
     (final state as host-addressable single-copy arrays, history: a list of metric records).
@@ -209,6 +213,8 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
   history: list[dict] = []
+  if workdir is not None and run_info is not None:
+    _check_run_info(workdir, run_info)
   writer = MetricWriter(workdir, name)
   ckpt = (Checkpointer(os.path.join(workdir, "checkpoints"), every=checkpoint_every)
           if workdir is not None else None)
@@ -277,6 +283,24 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
     writer.close()
     if ckpt is not None:
       ckpt.close()
+
+
+def _check_run_info(workdir: str, run_info: Mapping[str, Any]) -> None:
+  info = json.loads(json.dumps(run_info))  # normalise tuples to lists
+  path = os.path.join(workdir, "run.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != info:
+      diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
+      raise ValueError(
+          f"{workdir} holds a run with another configuration (differs in {diff}: "
+          f"{ {k: old.get(k) for k in diff} } vs now { {k: info.get(k) for k in diff} }); use a "
+          "fresh workdir or delete that run's directory.")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(info, f, indent=2)
 
 
 def _evaluate(eval_fn, state, step, writer, history):
