@@ -70,7 +70,7 @@ def summarize(per_seed: dict[str, list[dict]]) -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
-  head = f"{'method':<30}" + "".join(f"{m:>20}" for m in METRICS)
+  head = f"{'method':<36}" + "".join(f"{m:>20}" for m in METRICS)
   lines = [head, "-" * len(head)]
   for r in records:
     cells = []
@@ -79,7 +79,7 @@ def format_table(records: list[dict]) -> str:
         cells.append(f"{r[m]:>11.1f} ± {r[m + '_spread']:<6.1f}")
       else:
         cells.append(f"{r[m]:>11.4f} ± {r[m + '_spread']:<6.4f}")
-    lines.append(f"{r['method']:<30}" + "".join(cells))
+    lines.append(f"{r['method']:<36}" + "".join(cells))
   return "\n".join(lines)
 
 
@@ -179,6 +179,11 @@ def main(argv=None):
           if "epochs" in v:
             extra.setdefault(k, []).append({x: v[x] for x in ("epochs", "best_epoch",
                                                                "dkc_finished")})
+        bar.write(f"seed {seed} done ({(time.time() - t0) / 60:.1f} min):\n"
+                  + format_table(summarize({k: [res[k]] for k in res})))
+        if args.out:  # partial results after every seed
+          _write(args.out, seed + 1, args.quick, time.time() - t0,
+                 summarize({k: per_seed[k] for k in order}))
   records = summarize({k: per_seed[k] for k in order})
   for r in records:
     if r["method"] in extra:
@@ -189,11 +194,16 @@ def main(argv=None):
   print(format_table(records))
   print(f"total time {elapsed / 60:.1f} min")
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"seeds": seeds, "quick": args.quick, "seconds": elapsed, "records": records},
-                f, indent=2)
+    _write(args.out, seeds, args.quick, elapsed, records)
   return records
+
+
+def _write(out, seeds, quick, seconds, records):
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"seeds": seeds, "quick": quick, "seconds": seconds,
+               "spread": "standard deviation over seeds (ddof=0)", "records": records}, f,
+              indent=2)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def _chunk_metrics(scores, relevant, exclude, item_pop, *, ks, pop_k):
   """
   scores = jnp.asarray(scores, jnp.float32)
   masked = jnp.where(exclude, -jnp.inf, scores)
-  k_max = max(max(ks), pop_k)
+  k_max = min(max(max(ks), pop_k), scores.shape[-1])
   vals, top = jax.lax.top_k(masked, k_max)
   hits = jnp.take_along_axis(relevant, top, -1) & jnp.isfinite(vals)
   n_rel = jnp.sum(relevant & ~exclude, -1)
@@ -42,7 +42,7 @@ def _chunk_metrics(scores, relevant, exclude, item_pop, *, ks, pop_k):
   for k in ks:
     h = hits[:, :k].astype(jnp.float32)
     out[f"recall@{k}"] = jnp.sum(h, -1) / jnp.maximum(n_rel, 1)
-    idcg = jnp.where(n_rel > 0, cum_discount[jnp.clip(jnp.minimum(n_rel, k) - 1, 0)], 1.0)
+    idcg = jnp.where(n_rel > 0, cum_discount[jnp.clip(jnp.minimum(n_rel, k) - 1, 0, k_max - 1)], 1.0)
     out[f"ndcg@{k}"] = jnp.sum(h * discount[:k], -1) / idcg
   out["rec_popularity"] = jnp.mean(item_pop[top[:, :pop_k]], axis=-1)
   return out
