@@ -181,8 +181,10 @@ def select_coefficients(teacher_logits_val, labels_val, *, key, order: int = 5,
                    static_argnames=("distance", "chunk_size", "method", "max_iter", "grid_size"))
 def _select(teacher_logits, labels, candidates, temperature, where, tol, *, distance,
             chunk_size, method, max_iter, grid_size):
-  pt = jax.nn.softmax(nm.to_float32(teacher_logits) / temperature, axis=-1)
   keep = jnp.ones(labels.shape, bool) if where is None else where
+  # Masked examples get a uniform teacher: garbage there costs no solver iterations.
+  teacher_logits = jnp.where(keep[:, None], nm.to_float32(teacher_logits), 0.0)
+  pt = jax.nn.softmax(teacher_logits / temperature, axis=-1)
 
   def score_one(eps):
     res = _ptloss._proxy_teacher(pt, eps, tol, 0.5, method=method, max_iter=max_iter,

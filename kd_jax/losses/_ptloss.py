@@ -180,8 +180,9 @@ def _is_zero(tangent):
 def _exact_ptloss_jvp(primals, tangents):
   # Closed-form derivatives (METHODS.md 1.4): dL/ds_j = S p^s_j - p~_j with
   # p~_k = p^t_k (1 + p^s_k P_k'(u_k)), S = sum_k p~_k; dL/dt_j = p^t_j (a_j - L);
-  # dL/deps_{k,m} = p^t_k u_k^m. Autodiff through the polynomial costs about 3x KD's backward;
-  # this rule keeps PTLoss close to KD's cost, and as a JVP it still supports every transform.
+  # dL/deps_{k,m} = p^t_k u_k^m. Plain autodiff through the Horner polynomial made value+grad
+  # about 2-3x KD's cost on CPU; this rule brings it to about 1.5x (benchmarks/ptloss_selection.py)
+  # and, being a JVP, still supports forward mode and higher derivatives.
   s, t, eps = primals
   ds, dt, deps = tangents
   pt, ps, u, a, loss = _exact_parts(s, t, eps)
