@@ -163,6 +163,10 @@ def select_coefficients(teacher_logits_val, labels_val, *, key, order: int = 5,
   val.check_where(where, (n,))
   if distance not in _DISTANCES:
     raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}.")
+  if method not in ("newton", "fixed_point"):
+    raise ValueError(f"method must be 'newton' or 'fixed_point', got {method!r}.")
+  if candidates is None and key is None:
+    raise ValueError("select_coefficients needs a `key` to sample candidates, or `candidates`.")
   if candidates is None:
     candidates = sample_candidates(key, int(num_candidates), int(order),
                                    num_classes if per_class else None, scale=scale)

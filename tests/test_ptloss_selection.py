@@ -121,6 +121,8 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="distance"):
     select_coefficients(jnp.asarray(logits), jnp.asarray(y), key=jax.random.key(0),
                         distance="l1")
+  with pytest.raises(ValueError, match="key"):
+    select_coefficients(jnp.asarray(logits), jnp.asarray(y), key=None)
   with pytest.raises(ValueError, match=r"\[C, 10, M\]"):
     select_coefficients(jnp.asarray(logits), jnp.asarray(y), key=None,
                         candidates=jnp.zeros((3, 4, 2)))
