@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.losses import kd, ptloss
+from kd_jax.losses import kd, proxy_teacher, ptloss
 from kd_jax.ptloss import select_coefficients
 
 
@@ -72,6 +72,28 @@ def bench_selection(num_candidates, num_examples, num_classes, repeats, chunk_si
   return median
 
 
+def bench_solvers(num_examples, num_classes, num_eps):
+  """Newton vs the damped fixed point of METHODS.md 1.4 on the same proxy-teacher problems."""
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(num_examples, num_classes)) * 2.0
+  logits[np.arange(num_examples), rng.integers(0, num_classes, num_examples)] += 6.0
+  probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32))
+  eps = jnp.asarray(rng.uniform(-1, 1, size=(num_eps, num_classes, 5)) / np.arange(1, 6),
+                    jnp.float32)
+  print(f"proxy-teacher solvers  N={num_examples} K={num_classes}, {num_eps} per-class epsilons "
+        "~ U[-1/m, 1/m], tol 1e-5")
+  for method in ("newton", "fixed_point"):
+    solve = jax.jit(jax.vmap(lambda e, method=method: proxy_teacher(
+        probs, e, method=method, strict=False)))
+    out = jax.block_until_ready(solve(eps))
+    cpu = []
+    median, _ = _median_time(lambda: solve(eps).probs, 3, cpu)
+    print(f"  {method:11s} iterations mean {float(out.iterations.mean()):5.2f} max "
+          f"{int(out.iterations.max()):3d}; max residual {float(out.residual.max()):.1e}; "
+          f"converged {float(out.converged.mean()):.4f}; {median:.2f} s wall, "
+          f"{statistics.median(cpu):.2f} s CPU")
+
+
 def bench_loss_cost(batch, num_classes, order, repeats):
   rng = np.random.default_rng(1)
   s = jnp.asarray(rng.normal(size=(batch, num_classes)), jnp.float32)
@@ -115,6 +137,7 @@ def main():
         f"load average {os.getloadavg()[0]:.1f} (measurements are slower on a busy machine)")
   if not args.skip_selection:
     bench_selection(candidates, examples, args.classes, repeats, args.chunk_size, args.per_class)
+  bench_solvers(1000 if args.quick else 10000, args.classes, 4 if args.quick else 16)
   for batch in (256,) if args.quick else (256, 4096):
     bench_loss_cost(batch, args.classes, 5, 5 if args.quick else 15)
 
