@@ -203,6 +203,12 @@ def test_proxy_teacher_m1_hand_case_and_zero_epsilon():
   res = proxy_teacher(pt, jnp.zeros((9, 5)))
   np.testing.assert_allclose(res.probs, pt, atol=1e-7)
   assert np.all(res.iterations == 0) and np.all(res.converged)
+  # bfloat16 teacher probabilities are solved in float32.
+  eps = jnp.full((5,), 0.1)
+  res16 = proxy_teacher(pt.astype(jnp.bfloat16), eps)
+  res32 = proxy_teacher(pt.astype(jnp.bfloat16).astype(jnp.float32), eps)
+  assert res16.probs.dtype == jnp.float32
+  np.testing.assert_allclose(res16.probs, res32.probs, atol=1e-6)
 
 
 def test_proxy_teacher_is_a_stationary_point_of_ptloss():
