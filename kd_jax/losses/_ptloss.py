@@ -51,8 +51,11 @@ def _as_class_rows(epsilon):
 
 def _horner(coefficients, u):
   """sum_j coefficients[..., j] * u^j for coefficients `[K or 1, J]` and u `[..., K]`."""
-  acc = jnp.zeros_like(u)
-  for j in range(coefficients.shape[-1] - 1, -1, -1):
+  num = coefficients.shape[-1]
+  if num == 0:
+    return jnp.zeros_like(u)
+  acc = jnp.broadcast_to(coefficients[:, num - 1], u.shape)  # no 0 * u: XLA cannot drop it
+  for j in range(num - 2, -1, -1):
     acc = acc * u + coefficients[:, j]
   return acc
 
@@ -188,14 +191,14 @@ def _exact_ptloss_jvp(primals, tangents):
   pt, ps, u, a, loss = _exact_parts(s, t, eps)
   d1, _ = _derivative_coefficients(eps)
   tilde = pt * (1.0 + ps * _horner(d1, u))
-  dloss = jnp.zeros_like(u)
-  if not _is_zero(ds):  # Symbolic zeros skip the work for arguments nobody differentiates.
-    dloss = dloss + (jnp.sum(tilde, axis=-1, keepdims=True) * ps - tilde) * ds
+  terms = []  # Symbolic zeros skip the work for arguments nobody differentiates.
+  if not _is_zero(ds):
+    terms.append((jnp.sum(tilde, axis=-1, keepdims=True) * ps - tilde) * ds)
   if not _is_zero(dt):
-    dloss = dloss + pt * (a - loss[..., None]) * dt
+    terms.append(pt * (a - loss[..., None]) * dt)
   if not _is_zero(deps):  # sum_m deps_m u^m by Horner on the tangent's coefficients.
-    dloss = dloss + pt * u * _horner(jnp.broadcast_to(deps, eps.shape), u)
-  return loss, jnp.sum(dloss, axis=-1)
+    terms.append(pt * u * _horner(jnp.broadcast_to(deps, eps.shape), u))
+  return loss, jnp.sum(sum(terms[1:], terms[0]), axis=-1)
 
 
 _exact_ptloss.defjvp(_exact_ptloss_jvp, symbolic_zeros=True)
