@@ -66,13 +66,26 @@ def median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
-def time_steps(step: Callable[[], None], n: int) -> list[float]:
-  """Seconds of each of `n` calls of `step` (which must block until its work is done)."""
-  out = []
+class Samples(list):
+  """Wall-clock seconds per step, with `.cpu`: this process's CPU seconds per step (all threads).
+
+  Under a shared load the wall time measures the CPU share a process gets as much as its own
+  work; CPU time is far less sensitive to the load (though spin-waiting thread pools count in it).
+  """
+
+  def __init__(self, wall=(), cpu=()):
+    super().__init__(wall)
+    self.cpu = list(cpu)
+
+
+def time_steps(step: Callable[[], None], n: int) -> Samples:
+  """Wall and CPU seconds of each of `n` calls of `step` (which must block until done)."""
+  out = Samples()
   for _ in range(n):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     step()
     out.append(time.perf_counter() - t0)
+    out.cpu.append(time.process_time() - c0)
   return out
 
 
@@ -83,10 +96,16 @@ class Contestant:
   run: Callable[[int], list[float]]
   samples: list[float] = dataclasses.field(default_factory=list)
   round_medians: list[float] = dataclasses.field(default_factory=list)
+  cpu_samples: list[float] = dataclasses.field(default_factory=list)
+  cpu_round_medians: list[float] = dataclasses.field(default_factory=list)
 
   @property
   def median_s(self) -> float:
     return median(self.samples)
+
+  @property
+  def cpu_median_s(self) -> float:
+    return median(self.cpu_samples)
 
 
 def interleave(contestants: Sequence[Contestant], rounds: int, steps: int, warmup: int = 2,
@@ -106,14 +125,22 @@ def interleave(contestants: Sequence[Contestant], rounds: int, steps: int, warmu
       ts = c.run(steps)
       c.samples.extend(ts)
       c.round_medians.append(median(ts))
+      cpu = getattr(ts, "cpu", [])
+      c.cpu_samples.extend(cpu)
+      c.cpu_round_medians.append(median(cpu))
     if verbose:
       parts = ", ".join(f"{c.name} {1e3 * c.round_medians[-1]:.0f} ms" for c in contestants)
       print(f"  round {r + 1}/{rounds} (load {loadavg()}): {parts}", flush=True)
 
 
-def paired_ratio(num: Contestant, den: Contestant) -> float:
-  """Median over rounds of num_time / den_time (both measured in the same round)."""
-  return median([a / b for a, b in zip(num.round_medians, den.round_medians)])
+def paired_ratio(num: Contestant, den: Contestant, cpu: bool = False) -> float:
+  """Median over rounds of num_time / den_time (both measured in the same round).
+
+  With `cpu=True` the ratio of CPU times per step instead of wall times.
+  """
+  a_s, b_s = ((num.cpu_round_medians, den.cpu_round_medians) if cpu
+              else (num.round_medians, den.round_medians))
+  return median([a / b for a, b in zip(a_s, b_s)])
 
 
 def find_torch_python(explicit: str | None = None) -> str | None:
@@ -156,8 +183,9 @@ class TorchWorker:
   def setup(self, **kwargs) -> dict:
     return self._call({"cmd": "setup", **kwargs})
 
-  def run(self, n: int) -> list[float]:
-    return self._call({"cmd": "run", "n": int(n)})["times"]
+  def run(self, n: int) -> Samples:
+    reply = self._call({"cmd": "run", "n": int(n)})
+    return Samples(reply["times"], reply.get("cpu", ()))
 
   def close(self):
     if self._proc.poll() is None:

@@ -98,7 +98,8 @@ def serve(threads: int):
         step = build_step(**kw)
         reply = {"ok": True}
       elif msg["cmd"] == "run":
-        reply = {"times": _timing.time_steps(step, msg["n"])}
+        ts = _timing.time_steps(step, msg["n"])
+        reply = {"times": list(ts), "cpu": ts.cpu}
       elif msg["cmd"] == "quit":
         return
       else:
@@ -136,7 +137,7 @@ def main(argv=None):
   _timing.interleave(cs, args.rounds, args.steps, args.warmup)
   for c in cs:
     print(f"pytorch {c.name:8s} {1e3 * c.median_s:8.1f} ms/step  "
-          f"{args.batch / c.median_s:8.1f} images/s")
+          f"{args.batch / c.median_s:8.1f} images/s  (CPU {1e3 * c.cpu_median_s:8.1f} ms/step)")
   if args.mode == "all":
     kd, st, te = cs
     print(f"KD / (student + teacher) = {kd.median_s / (st.median_s + te.median_s):.3f}")

@@ -73,7 +73,7 @@ class JaxSetup:
     return self.state_lib.TrainState.create(self._student(), self.tx,
                                             rng=self.jax.random.key(0))
 
-  def step_runner(self, loss: str | None):
+  def step_runner(self, loss: str | None, donate: bool = True):
     """`run(n) -> seconds per step` for the library step with `loss` (None: student-only CE)."""
     jax = self.jax
     if loss is None:
@@ -82,7 +82,7 @@ class JaxSetup:
     else:
       fn = self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef, axis_name=None)
       args = (self.t_vars,)
-    jitted = jax.jit(fn, donate_argnums=(0,))
+    jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
     box = {"state": self.fresh_state()}
 
     def one():
@@ -106,9 +106,29 @@ class JaxSetup:
 
     return lambda n: _timing.time_steps(one, n)
 
+  def student_runner(self, backward: bool):
+    """`run(n)` for the student forward (train mode) alone, or forward + backward (no update)."""
+    jax, jnp = self.jax, self.jax.numpy
+    state = self.fresh_state()
+    batch = self.batch
+
+    def loss(params, stats):
+      out, new_stats = self.step_lib.apply_model(state.graphdef, params, stats, batch["image"],
+                                                 train=True)
+      logz = jax.nn.log_softmax(out.logits)
+      return -jnp.mean(jnp.take_along_axis(logz, batch["label"][:, None], -1)), new_stats
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True) if backward else loss)
+
+    def one():
+      jax.block_until_ready(fn(state.params, state.batch_stats))
+
+    return lambda n: _timing.time_steps(one, n)
+
 
 def _fmt(c: _timing.Contestant, batch: int) -> str:
-  return f"{c.name:28s} {1e3 * c.median_s:9.1f} ms/step {batch / c.median_s:9.1f} images/s"
+  return (f"{c.name:32s} {1e3 * c.median_s:9.1f} ms/step {batch / c.median_s:9.1f} images/s"
+          f"   (CPU time {1e3 * c.cpu_median_s:9.1f} ms/step)")
 
 
 def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
@@ -125,6 +145,19 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
       print(f"  kd_jax {m}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
       continue
     cs[f"kd_jax {m}"] = _timing.Contestant(f"kd_jax {m}", run)
+  variants = [v for v in (args.variants or "").split(",") if v]
+  if "no_donate" in variants:
+    cs["kd_jax kd (no donation)"] = _timing.Contestant(
+        "kd_jax kd (no donation)", setup.step_runner(METHODS["kd"], donate=False))
+  if "bf16_teacher" in variants:
+    bf = JaxSetup(teacher, student, batch, teacher_dtype="bfloat16")
+    cs["kd_jax kd (bf16 teacher)"] = _timing.Contestant("kd_jax kd (bf16 teacher)",
+                                                        bf.step_runner(METHODS["kd"]))
+  if "breakdown" in variants:
+    cs["kd_jax student fwd"] = _timing.Contestant("kd_jax student fwd",
+                                                  setup.student_runner(False))
+    cs["kd_jax student fwd+bwd"] = _timing.Contestant("kd_jax student fwd+bwd",
+                                                      setup.student_runner(True))
   if not args.no_parts:
     cs["kd_jax student step (CE)"] = _timing.Contestant("kd_jax student step (CE)",
                                                         setup.step_runner(None))
@@ -149,10 +182,11 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
   res = {"pair": pair, "batch": batch, "ips": {k: batch / c.median_s for k, c in cs.items()}}
   if "pytorch kd" in cs:
     for k, c in cs.items():
-      if k.startswith("kd_jax ") and k[7:] in methods:
+      if k.startswith("kd_jax ") and (k[7:] in methods or k.startswith("kd_jax kd (")):
         r = _timing.paired_ratio(cs["pytorch kd"], c)
-        print(f"  ratio {k} / pytorch kd (images/s): {r:.3f}  (of medians: "
-              f"{cs['pytorch kd'].median_s / c.median_s:.3f})")
+        rc = _timing.paired_ratio(cs["pytorch kd"], c, cpu=True)
+        print(f"  ratio {k} / pytorch kd (images/s): {r:.3f} wall-clock, {rc:.3f} CPU time  "
+              f"(of medians: {cs['pytorch kd'].median_s / c.median_s:.3f})")
   if "kd_jax kd" in cs and "kd_jax student step (CE)" in cs:
     kd, st, te = cs["kd_jax kd"], cs["kd_jax student step (CE)"], cs["kd_jax teacher forward"]
     parts = [a + b for a, b in zip(st.round_medians, te.round_medians)]
@@ -161,6 +195,7 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
     res["overhead"] = over
   if "pytorch kd" in cs and "kd_jax kd" in cs:
     res["ratio"] = _timing.paired_ratio(cs["pytorch kd"], cs["kd_jax kd"])
+    res["cpu_ratio"] = _timing.paired_ratio(cs["pytorch kd"], cs["kd_jax kd"], cpu=True)
   return res
 
 
@@ -180,6 +215,9 @@ def main(argv=None):
                  help="also time PyTorch's student step and teacher forward")
   p.add_argument("--no-parts", action="store_true", help="skip the student/teacher part timings")
   p.add_argument("--teacher-dtype", default=None, help="compute dtype of the teacher (bfloat16)")
+  p.add_argument("--variants", default="",
+                 help="extra KD contestants: no_donate, bf16_teacher, breakdown (student fwd, "
+                      "student fwd+bwd)")
   args = p.parse_args(argv)
   if args.quick:
     args.pairs, args.batches, args.methods = PAIRS[0], "64", "kd"
