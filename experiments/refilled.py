@@ -1,0 +1,48 @@
+"""ReFilled: teacher on classes A, student on classes B, stage 1 + stage 2 vs the student alone.
+
+  python -m experiments.refilled --config=experiments/configs/refilled_digits.py \\
+      --workdir=./workdir/refilled_digits
+  python -m experiments.refilled --config=experiments/configs/refilled_cifar100.py \\
+      --config.student.model=wrn_16_2 --workdir=./workdir/refilled_cifar100_wrn_16_2
+  python -m experiments.refilled --config=experiments/configs/refilled_cub.py \\
+      --config.student.options.width_multiplier=0.5 --workdir=./workdir/refilled_cub_050
+
+Prints test accuracy (mean ± std over `config.seeds`) per class setting and writes
+`<workdir>/results.json` (summary and every run) and each run's own results.json, metrics,
+TensorBoard events and Orbax checkpoints under `<workdir>/<setting>/seed_<seed>/`. Restarted
+with the same workdir it resumes. See docs/refilled.md.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "refilled_digits.py")
+
+_WORKDIR = flags.DEFINE_string("workdir", "./workdir/refilled", "Where metrics, checkpoints "
+                               "and results.json are written (and resumed from).")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "A ReFilled config "
+                                          "(experiments/configs/refilled_*.py).",
+                                          lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from kd_jax.train import refilled  # pylint: disable=g-import-not-at-top
+  try:
+    refilled.run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

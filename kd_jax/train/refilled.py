@@ -1,0 +1,607 @@
+"""ReFilled's two-stage training: relationship matching, then the embedding-induced classifier.
+
+ReFilled (Ye, Lu, Zhan, TPAMI 2022 / CVPR 2020; official code `njulus/REFILLED`, METHODS.md
+section 2) distils a teacher trained on classes A into a student learning classes B, where B may
+equal, overlap or be disjoint from A. `run_setting` runs, for one class split and one seed:
+
+1. Teacher: restored frozen from its Orbax checkpoint if present, else trained with CE on A.
+2. Stage 1 (`"refilled_relationship:1"`): the student's backbone matches the teacher's triplet
+   comparisons; the classifier gets no loss gradient (it only decays). Every
+   `stage1.eval_every_epochs` the student's nearest-class-mean (NCM) accuracy is measured on the
+   held-out **validation** split with centres built on the training split; the best model is
+   saved (`<workdir>/stage1/best`) and initialises stage 2.
+3. Stage 2 (`"ce:1,refilled_classifier:100"`): CE plus lambda x the KL between the teacher's
+   embedding-induced classifier over the batch's classes and the student's restricted logits;
+   with `centers="global"` the teacher's class centres are computed once over the student's
+   training data and travel, replicated, inside the teacher's variables (`with_class_centers`).
+4. Baseline: the same initialisation and data order, CE only, stage 2's optimizer and length.
+5. Final evaluation (the only reads of the test split): teacher on A, stage-1 NCM, ReFilled and
+   the baseline on B; written to `<workdir>/results.json`.
+
+The loss terms `refilled_relationship` and `refilled_classifier` are registered with
+`kd_jax.train.terms.register_term`, so they compose with any other term in a loss spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from kd_jax import data as data_lib
+from kd_jax import losses
+from kd_jax import parallel
+from kd_jax import teachers
+from kd_jax.data import class_splits
+from kd_jax.train import loop
+from kd_jax.train import terms as terms_lib
+from kd_jax.train.evaluate import evaluate, make_eval_step
+from kd_jax.train.experiment import create_model
+from kd_jax.train.state import TrainState, sgd, step_decay_schedule
+from kd_jax.train.step import make_train_step
+from kd_jax.train.terms import TermContext, masked_mean, register_term
+
+CENTERS_FEATURE = "class_centers"
+
+
+# ------------------------------------------------------------------------------------ terms
+
+
+def _feature(outputs, key: str, who: str):
+  if key not in outputs.features:
+    raise ValueError(f"{who} has no feature {key!r}; it returns {sorted(outputs.features)}.")
+  return outputs.features[key]
+
+
+@register_term("refilled_relationship")
+def _refilled_relationship(ctx: TermContext, feature: str = "embedding",
+                           teacher_feature: str | None = None, margin: float = 0.2,
+                           temperature: float = 4.0, tuples: bool = False,
+                           mode: str = "official", all_gather: bool = False):
+  """ReFilled stage 1, `losses.refilled_relationship` on the pooled embeddings (scalar).
+
+  Triplets are mined in the per-device batch, or in the global batch with `all_gather=true`
+  (embeddings, labels and mask all-gathered over the data axis first).
+  """
+  s = _feature(ctx.student, feature, "the student")
+  t = jax.lax.stop_gradient(_feature(ctx.teacher, teacher_feature or feature, "the teacher"))
+  labels, where = ctx.labels, ctx.where
+  if all_gather and ctx.axis_name is not None:
+    gather = lambda x: jax.lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)  # noqa: E731
+    s, t, labels = gather(s), gather(t), gather(labels)
+    where = None if where is None else gather(where)
+  return losses.refilled_relationship(s, t, labels, margin=margin, temperature=temperature,
+                                      tuples=tuples, mode=mode, where=where)
+
+
+@register_term("refilled_classifier")
+def _refilled_classifier(ctx: TermContext, feature: str = "embedding", temperature: float = 2.0,
+                         centers: str = "global", distance: str = "squared"):
+  """ReFilled stage 2, `losses.refilled_classifier`, mean over valid rows.
+
+  centers="global" (official code): the teacher's dataset-level centres, read from the teacher's
+  feature "class_centers" (attach them with `with_class_centers`); centers="local" (CVPR paper):
+  in-batch centres with the `distance` ("squared" or "euclidean").
+  """
+  if centers not in ("global", "local"):
+    raise ValueError(f"refilled_classifier: centers must be 'global' or 'local', got {centers!r}.")
+  t = jax.lax.stop_gradient(_feature(ctx.teacher, feature, "the teacher"))
+  c = None
+  if centers == "global":
+    if CENTERS_FEATURE not in ctx.teacher.features:
+      raise ValueError("refilled_classifier(centers='global') needs the teacher's feature "
+                       f"{CENTERS_FEATURE!r}: wrap the teacher with "
+                       "kd_jax.train.refilled.with_class_centers, or use centers='local'.")
+    c = jax.lax.stop_gradient(ctx.teacher.features[CENTERS_FEATURE])
+  values = losses.refilled_classifier(ctx.student.logits, t, ctx.labels, centers=c,
+                                      temperature=temperature, distance=distance, where=ctx.where)
+  return masked_mean(values, ctx.where)
+
+
+# ------------------------------------------------------------------------------------ centres
+
+
+class ClassCenters(nnx.Variable):
+  """A teacher's class centres [C, d]: frozen state carried with its variables, never trained."""
+
+
+class TeacherWithCenters(nnx.Module):
+  """A teacher whose outputs also hold its class centres: features["class_centers"] = [C, d]."""
+
+  def __init__(self, teacher: nnx.Module, centers):
+    self.teacher = teacher
+    self.class_centers = ClassCenters(jnp.asarray(centers, jnp.float32))
+
+  def __call__(self, x, *, train: bool):
+    logits, features = self.teacher(x, train=train)
+    return logits, {**dict(features), CENTERS_FEATURE: self.class_centers.get_value()}
+
+
+def with_class_centers(teacher: teachers.FrozenTeacher, centers) -> teachers.FrozenTeacher:
+  """The frozen teacher with `centers` [C, d] attached to its non-parameter variables.
+
+  The centres then travel exactly as the teacher's weights do (an argument of the jitted step,
+  replicated over the devices) and reach the loss terms as the teacher's feature
+  "class_centers", so the train step needs no special case.
+  """
+  centers = jnp.asarray(centers, jnp.float32)
+  if centers.ndim != 2:
+    raise ValueError(f"centers must be [num_classes, d], got shape {centers.shape}.")
+  inner = nnx.merge(teacher.graphdef, teacher.variables["params"],
+                    teacher.variables["batch_stats"])
+  graphdef, params, rest = nnx.split(TeacherWithCenters(inner, centers), nnx.Param, ...)
+  return teachers.FrozenTeacher(
+      graphdef=graphdef, variables=jax.lax.stop_gradient({"params": params, "batch_stats": rest}),
+      model_name=teacher.model_name, num_classes=teacher.num_classes, path=teacher.path)
+
+
+@functools.lru_cache(maxsize=32)
+def _embed_fn(graphdef, input_key: str, feature: str):
+  def embed(variables, x):
+    model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
+    return model(x, train=False)[1][feature]
+
+  return jax.jit(embed)
+
+
+def embedding_class_centers(graphdef, variables, batches: Iterable[Mapping[str, Any]],
+                            num_classes: int, *, feature: str = "embedding",
+                            input_key: str = "image") -> jax.Array:
+  """Class centres of a model's embedding over a dataset: normalise(sum_batches class_sums).
+
+  `losses.class_sums` of the inference-mode embedding is accumulated batch by batch (rows with
+  a False "mask" left out), then L2-normalised (`losses.class_centers` over the whole set).
+  """
+  embed = _embed_fn(graphdef, input_key, feature)
+  total = None
+  for batch in batches:
+    e = embed(variables, jnp.asarray(batch[input_key]))
+    s = losses.class_sums(e, jnp.asarray(batch["label"]), num_classes, where=batch.get("mask"))
+    total = s if total is None else total + s
+  if total is None:
+    raise ValueError("embedding_class_centers got no batch.")
+  from kd_jax.losses._numerics import l2_normalize  # pylint: disable=g-import-not-at-top
+  return l2_normalize(total)
+
+
+def ncm_evaluate(graphdef, variables, centers, batches: Iterable[Mapping[str, Any]], *,
+                 feature: str = "embedding", input_key: str = "image") -> float:
+  """NCM accuracy (`losses.ncm_predict` against `centers`) over the valid rows of `batches`."""
+  embed = _embed_fn(graphdef, input_key, feature)
+  correct = count = 0.0
+  for batch in batches:
+    pred = np.asarray(losses.ncm_predict(embed(variables, jnp.asarray(batch[input_key])),
+                                         centers))
+    valid = np.ones(pred.shape, bool) if batch.get("mask") is None else np.asarray(batch["mask"])
+    correct += float(np.sum((pred == np.asarray(batch["label"])) & valid))
+    count += float(np.sum(valid))
+  return correct / max(count, 1.0)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+class _Subset:
+  """Examples `indices` of a random-access source, labels relabelled by `table`."""
+
+  def __init__(self, source, indices, table):
+    self.source, self.indices, self.table = source, np.asarray(indices), np.asarray(table)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def _fix(self, ex):
+    ex = dict(ex)
+    ex["label"] = np.int32(self.table[int(ex["label"])])
+    return ex
+
+  def __getitem__(self, i):
+    return self._fix(self.source[int(self.indices[i])])
+
+  def __getitems__(self, idx):
+    getitems = getattr(self.source, "__getitems__", None)
+    real = [int(self.indices[i]) for i in idx]
+    exs = getitems(real) if getitems else [self.source[i] for i in real]
+    return [self._fix(e) for e in exs]
+
+
+def _source_labels(source) -> np.ndarray:
+  return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
+
+
+class TaskData:
+  """The teacher's task (classes A) and the student's (classes B), each with train/val/test.
+
+  Built from one dataset and a `class_splits.Setting`. "digits" is offline
+  (`data.load_digits`, whose validation split is held out of training); TFDS datasets
+  ("cifar100", "caltech_birds2011") hold `config.val_fraction` of the training split out as
+  validation (seeded), and the test split is only opened when first read.
+
+  Streams: `train(role, start_step)` (shuffled, augmented, resumable), `eval(role, split)` (each
+  example once, padded, "mask"; split in "train", "val", "test"). `reads` logs every
+  (role, split) opened, in order.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, setting: class_splits.Setting, *,
+               seed: int):
+    self.name = config.dataset
+    self.setting = setting
+    self.seed = int(seed)
+    self.batch_size = int(config.batch_size)
+    self.eval_batch_size = int(config.get("eval_batch_size", 256))
+    self.reads: list[tuple[str, str]] = []
+    self.num_classes = {"teacher": len(setting.teacher_classes),
+                        "student": len(setting.student_classes)}
+    self._config = config
+    if self.name == "digits":
+      splits = data_lib.load_digits(seed=self.seed)
+      self._splits = {}
+      for split in ("train", "val", "test"):
+        arrays = getattr(splits, split)
+        cs = class_splits.class_split(arrays["label"], setting.teacher_classes,
+                                      setting.student_classes, allow_missing=True)
+        for role in ("teacher", "student"):
+          self._splits[(role, split)] = class_splits.apply_split(arrays, cs, role)
+      self._train_augment = self._eval_transform = None
+    else:
+      self._tfds_init(config)
+    self.num_train = {r: len(data_lib.ArraySource(src) if isinstance(src, Mapping) else src)
+                      for r in self.num_classes
+                      for src in [self._source(r, "train", log=False)]}
+
+  def _tfds_init(self, config):
+    from kd_jax.data import cub  # pylint: disable=g-import-not-at-top
+    data_dir = config.get("data_dir") or None
+    if self.name in data_lib.CIFAR_NUM_CLASSES:
+      self._train_augment = data_lib.cifar_train_augment(self.name)
+      self._eval_transform = data_lib.cifar_eval_transform(self.name)
+      fix = lambda ex: {"image": np.asarray(ex["image"]),  # noqa: E731
+                        "label": np.asarray(ex["label"], np.int32)}
+    elif self.name == cub.NAME:
+      self._train_augment = cub.train_augment(int(config.get("image_size", 224)))
+      self._eval_transform = cub.eval_transform(int(config.get("image_size", 224)),
+                                                int(config.get("resize_size", 256)))
+      fix = cub.image_and_label
+    else:
+      raise ValueError(f"unknown dataset {self.name!r}; expected 'digits', "
+                       f"'{cub.NAME}' or one of {sorted(data_lib.CIFAR_NUM_CLASSES)}.")
+    from kd_jax.data.sources import MappedSource  # pylint: disable=g-import-not-at-top
+    open_ = lambda split: MappedSource(  # noqa: E731
+        data_lib.tfds_source(self.name, split, data_dir=data_dir), fix)
+    train = open_(config.get("train_split", "train"))
+    labels = _source_labels(train)
+    order = np.random.default_rng(self.seed).permutation(len(labels))
+    n_val = int(round(float(config.get("val_fraction", 0.1)) * len(labels)))
+    held = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+    self._lazy = {"test": lambda: open_(config.get("test_split", "test"))}
+    self._train_source, self._labels = train, labels
+    self._held = held
+    self._sources = {}
+
+  def _source(self, role: str, split: str, *, log: bool = True):
+    if log:
+      self.reads.append((role, split))
+    if self.name == "digits":
+      return self._splits[(role, split)]
+    key = (role, split)
+    if key not in self._sources:
+      classes = (self.setting.teacher_classes if role == "teacher"
+                 else self.setting.student_classes)
+      if split == "test":
+        base = self._lazy["test"]()
+        labels, candidates = _source_labels(base), None
+      else:
+        base, labels, candidates = self._train_source, self._labels, self._held[split]
+      table = class_splits.label_map(classes, max(int(labels.max()) + 1, max(classes) + 1))
+      idx = np.flatnonzero(table[labels] >= 0)
+      if candidates is not None:
+        idx = np.intersect1d(idx, candidates)
+      self._sources[key] = _Subset(base, idx, table)
+    return self._sources[key]
+
+  def steps_per_epoch(self, role: str) -> int:
+    return data_lib.steps_per_epoch(self.num_train[role], self.batch_size)
+
+  def train(self, role: str, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    return data_lib.batches(self._source(role, "train"), batch_size=self.batch_size,
+                            seed=self.seed, start_step=start_step,
+                            augment=self._train_augment,
+                            num_shards=jax.process_count(), shard_index=jax.process_index())
+
+  def eval(self, role: str, split: str) -> Iterator[dict[str, np.ndarray]]:
+    return data_lib.eval_batches(self._source(role, split), batch_size=self.eval_batch_size,
+                                 transform=self._eval_transform)
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
+              ) -> optax.GradientTransformation:
+  """SGD (Nesterov by default) with weight decay under a cosine or step schedule.
+
+  schedule="cosine": lr * (alpha + (1 - alpha) (1 + cos(pi t / T)) / 2), alpha =
+  `final_lr_factor` (ReFilled stage 1: 0.1 -> 0.01); schedule="step": lr x `decay_rate` at each
+  of `decay_epochs` (stage 2 and the teacher: x0.2 at 100, 140, 180).
+  """
+  lr = float(cfg.learning_rate)
+  kind = cfg.get("schedule", "step")
+  if kind == "cosine":
+    schedule = optax.cosine_decay_schedule(lr, max(num_steps, 1),
+                                           alpha=float(cfg.get("final_lr_factor", 0.1)))
+  elif kind == "step":
+    schedule = step_decay_schedule(lr, steps_per_epoch=steps_per_epoch,
+                                   decay_epochs=tuple(cfg.get("decay_epochs", ()) or ()),
+                                   decay_rate=float(cfg.get("decay_rate", 0.2)))
+  else:
+    raise ValueError(f"schedule must be 'cosine' or 'step', got {kind!r}.")
+  return sgd(schedule, momentum=float(cfg.get("momentum", 0.9)),
+             weight_decay=float(cfg.get("weight_decay", 5e-4)),
+             nesterov=bool(cfg.get("nesterov", True)))
+
+
+def _num_steps(cfg, steps_per_epoch: int) -> int:
+  steps = int(cfg.get("num_steps", 0) or 0)
+  return steps if steps > 0 else int(cfg.num_epochs) * steps_per_epoch
+
+
+def _options(cfg) -> dict[str, Any]:
+  return dict(cfg.get("options", {}) or {})
+
+
+def _loss_options(cfg) -> dict[str, dict[str, Any]]:
+  return {k: dict(v) for k, v in dict(cfg.get("loss_options", {}) or {}).items()}
+
+
+class _Runner:
+  """Mesh, evaluation and fitting shared by the stages of one run."""
+
+  def __init__(self, config, workdir, data: TaskData):
+    self.config, self.workdir, self.data = config, workdir, data
+    self.mode = config.get("parallel", "shard_map")
+    n = int(config.get("num_devices") or 0) or None
+    self.mesh = parallel.make_mesh(n) if self.mode == "shard_map" else None
+
+  def accuracy(self, graphdef, variables, role, split) -> float:
+    step = make_eval_step(graphdef, self.mesh)
+    variables = dict(variables)
+    if self.mesh is not None:
+      variables = parallel.replicate(variables, self.mesh)
+    return evaluate(step, variables, self.data.eval(role, split), mesh=self.mesh)["accuracy"]
+
+  def fit(self, name, model, cfg, loss, role, *, teacher=None, loss_options=None, eval_fn=None,
+          eval_every=0, seed=0):
+    spe = self.data.steps_per_epoch(role)
+    num_steps = _num_steps(cfg, spe)
+    state = TrainState.create(model, optimizer(cfg, spe, num_steps), rng=jax.random.key(seed))
+    axis = None if self.mode == "none" else parallel.BATCH_AXIS
+    step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
+                           loss_options=loss_options, axis_name=axis)
+    return loop.fit(
+        state, step, functools.partial(self.data.train, role), num_steps=num_steps,
+        teacher_variables=None if teacher is None else teacher.variables, mode=self.mode,
+        mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
+        checkpoint_every=int(self.config.get("checkpoint_every", 0) or 0),
+        log_every=int(self.config.get("log_every", 50)), eval_every=eval_every,
+        eval_fn=eval_fn, progress=bool(self.config.get("progress", True)))
+
+
+def _teacher(runner: _Runner, config, seed: int) -> tuple[teachers.FrozenTeacher, bool]:
+  tcfg = config.teacher
+  n = runner.data.num_classes["teacher"]
+  path = tcfg.get("checkpoint") or ""
+  if path:
+    path = path.format(setting=runner.data.setting.name, seed=seed)
+  path = os.path.abspath(path or os.path.join(runner.workdir, "teacher", "checkpoint"))
+  if os.path.exists(path):
+    return teachers.restore_teacher(path, tcfg.model, num_classes=n, **_options(tcfg)), False
+  if tcfg.get("checkpoint"):
+    raise FileNotFoundError(f"teacher checkpoint {path} (config.teacher.checkpoint) does not "
+                            "exist; leave it empty to train a teacher in the workdir.")
+  model = create_model(tcfg.model, num_classes=n, seed=seed + 1000, **_options(tcfg))
+  state, _ = runner.fit("teacher", model, tcfg, "ce:1", "teacher", seed=seed + 1000)
+  teachers.save_teacher(path, state.model(), overwrite=True)
+  return teachers.restore_teacher(path, tcfg.model, num_classes=n, **_options(tcfg)), True
+
+
+def _as_model(frozen: teachers.FrozenTeacher) -> nnx.Module:
+  """A trainable copy of a restored model."""
+  variables = jax.tree.map(jnp.array, dict(frozen.variables))
+  return nnx.merge(frozen.graphdef, variables["params"], variables["batch_stats"])
+
+
+def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -> dict[str, Any]:
+  """Relationship matching with NCM selection on the validation split; returns the selection."""
+  cfg = config.stage1
+  scfg = config.student
+  n = runner.data.num_classes["student"]
+  best_path = os.path.join(runner.workdir, "stage1", "best")
+  info_path = os.path.join(runner.workdir, "stage1", "best.json")
+  best = {"step": -1, "val_ncm_accuracy": -1.0}
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      best = json.load(f)
+
+  def eval_fn(state: TrainState):
+    variables = state.variables()
+    centers = embedding_class_centers(state.graphdef, variables,
+                                      runner.data.eval("student", "train"), n)
+    acc = ncm_evaluate(state.graphdef, variables, centers, runner.data.eval("student", "val"))
+    step = int(jax.device_get(state.step))
+    if acc > best["val_ncm_accuracy"]:
+      best.update(step=step, val_ncm_accuracy=acc)
+      teachers.save_teacher(best_path, state.model(), overwrite=True)
+      if jax.process_index() == 0:
+        with open(info_path, "w") as f:
+          json.dump(best, f)
+    return {"split": "val", "ncm_accuracy": acc}
+
+  spe = runner.data.steps_per_epoch("student")
+  model = nnx.merge(graphdef, jax.tree.map(jnp.array, init_state))
+  runner.fit(os.path.join("stage1", "train"), model, cfg, cfg.loss, "student", teacher=teacher,
+             loss_options=_loss_options(cfg), eval_fn=eval_fn,
+             eval_every=int(cfg.get("eval_every_steps", 0) or 0) or
+             int(cfg.get("eval_every_epochs", 10) or 0) * spe, seed=seed)
+  selected = teachers.restore_teacher(best_path, scfg.model, num_classes=n, **_options(scfg))
+  return {"model": selected, **best}
+
+
+def run_setting(config: ml_collections.ConfigDict, setting: str | class_splits.Setting,
+                workdir: str, *, seed: int | None = None, data: TaskData | None = None
+                ) -> dict[str, Any]:
+  """Teacher, ReFilled stage 1 and 2, and the student-alone baseline for one split and seed.
+
+  Args:
+    config: a ReFilled config (experiments/configs/refilled_*.py).
+    setting: a name of `config.class_settings` presets ("same", "overlap", "disjoint", ...) or
+      a `class_splits.Setting`.
+    workdir: this run's directory (checkpoints, metrics, results.json); resumed if present.
+    seed: the run's seed (data split and order, initialisations); default `config.seed`.
+    data: the task data (default `TaskData(config, setting, seed=seed)`).
+
+  Returns:
+    The dict written to `<workdir>/results.json`: teacher accuracy on A's test split, the
+    selected stage-1 step with its validation and test NCM accuracy, and the test (and
+    validation) accuracy of ReFilled and of the student alone on B.
+  """
+  seed = int(config.seed if seed is None else seed)
+  if isinstance(setting, str):
+    setting = settings(config)[setting]
+  data = data or TaskData(config, setting, seed=seed)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  runner = _Runner(config, workdir, data)
+  scfg, n = config.student, data.num_classes["student"]
+
+  teacher, trained = _teacher(runner, config, seed)
+  graphdef, init_state = nnx.split(create_model(scfg.model, num_classes=n, seed=seed,
+                                                **_options(scfg)))
+  # Stage 1.
+  sel = _stage1(runner, config, init_state, graphdef, teacher, seed)
+  # Stage 2 from the selected stage-1 model, with the teacher's global centres attached.
+  s2 = config.stage2
+  teacher2 = teacher
+  s2_options = _loss_options(s2)
+  if ("refilled_classifier" in {t.name for t in terms_lib.parse_terms(s2.loss)} and
+      s2_options.get("refilled_classifier", {}).get("centers", "global") == "global"):
+    centers = embedding_class_centers(teacher.graphdef, teacher.variables,
+                                      data.eval("student", "train"), n)
+    teacher2 = with_class_centers(teacher, centers)
+  state2, hist2 = runner.fit(os.path.join("stage2"), _as_model(sel["model"]), s2, s2.loss,
+                             "student", teacher=teacher2, loss_options=s2_options,
+                             seed=seed)
+  # Student alone: the same initialisation, data order and optimizer as stage 2, CE only.
+  state0, _ = runner.fit("student_alone", nnx.merge(graphdef, jax.tree.map(jnp.array, init_state)),
+                         s2, "ce:1", "student", seed=seed)
+
+  # Final evaluation: the only place that reads the test splits.
+  val = {"refilled": runner.accuracy(state2.graphdef, state2.variables(), "student", "val"),
+         "student_alone": runner.accuracy(state0.graphdef, state0.variables(), "student", "val")}
+  smodel = sel["model"]
+  centers = embedding_class_centers(smodel.graphdef, smodel.variables,
+                                    data.eval("student", "train"), n)
+  results = {
+      "dataset": config.dataset, "setting": setting.name, "seed": seed,
+      "teacher_classes": list(setting.teacher_classes),
+      "student_classes": list(setting.student_classes),
+      "teacher": {"model": config.teacher.model, "trained_here": trained,
+                  "test_accuracy": runner.accuracy(teacher.graphdef, teacher.variables,
+                                                   "teacher", "test")},
+      "student_model": scfg.model,
+      "stage1": {"selected_step": sel["step"], "val_ncm_accuracy": sel["val_ncm_accuracy"],
+                 "test_ncm_accuracy": ncm_evaluate(smodel.graphdef, smodel.variables, centers,
+                                                   data.eval("student", "test"))},
+      "refilled": {"loss": s2.loss, "val_accuracy": val["refilled"],
+                   "test_accuracy": runner.accuracy(state2.graphdef, state2.variables(),
+                                                    "student", "test")},
+      "student_alone": {"loss": "ce:1", "val_accuracy": val["student_alone"],
+                        "test_accuracy": runner.accuracy(state0.graphdef, state0.variables(),
+                                                         "student", "test")},
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def settings(config: ml_collections.ConfigDict) -> dict[str, class_splits.Setting]:
+  """The class-split presets named by `config.class_settings` ("digits" or "cifar100"), or
+  explicit `config.custom_settings` {name: (teacher_classes, student_classes)}."""
+  custom = dict(config.get("custom_settings", {}) or {})
+  if custom:
+    return {k: class_splits.Setting(k, tuple(v[0]), tuple(v[1])) for k, v in custom.items()}
+  presets = {"digits": class_splits.digits_settings, "cifar100": class_splits.cifar100_settings}
+  name = config.get("class_settings", config.dataset)
+  if name not in presets:
+    raise ValueError(f"unknown class_settings {name!r}; expected one of {sorted(presets)} or "
+                     "config.custom_settings.")
+  return presets[name]()
+
+
+# ------------------------------------------------------------------------------------ sweep
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Mean and (population) standard deviation over seeds, per setting, of every accuracy."""
+  out = {}
+  for name in dict.fromkeys(r["setting"] for r in runs):
+    rs = [r for r in runs if r["setting"] == name]
+    cols = {"teacher": [r["teacher"]["test_accuracy"] for r in rs],
+            "student_alone": [r["student_alone"]["test_accuracy"] for r in rs],
+            "refilled": [r["refilled"]["test_accuracy"] for r in rs],
+            "stage1_ncm": [r["stage1"]["test_ncm_accuracy"] for r in rs]}
+    out[name] = {"seeds": [r["seed"] for r in rs],
+                 **{k: {"mean": float(np.mean(v)), "std": float(np.std(v))}
+                    for k, v in cols.items()}}
+  return out
+
+
+def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+  """A text table: test accuracy % (mean +- std over seeds) per setting."""
+  head = ("setting", "seeds", "teacher (A)", "student alone", "ReFilled", "stage-1 NCM")
+  rows = [head]
+  fmt = lambda d: f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"  # noqa: E731
+  for name, s in summary.items():
+    rows.append((name, str(len(s["seeds"])), fmt(s["teacher"]), fmt(s["student_alone"]),
+                 fmt(s["refilled"]), fmt(s["stage1_ncm"])))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+  return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] +
+                   [line(r) for r in rows[1:]])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Every setting in `config.settings` x every seed in `config.seeds`; prints the table.
+
+  Each run goes to `<workdir>/<setting>/seed_<seed>` (resumable); the summary and every run's
+  results are written to `<workdir>/results.json`.
+  """
+  if config.get("distributed", False):
+    parallel.initialize_distributed()
+  presets = settings(config)
+  names = list(config.settings)
+  unknown = [s for s in names if s not in presets]
+  if unknown:
+    raise ValueError(f"unknown setting(s) {unknown}; this config knows {sorted(presets)}.")
+  seeds = [int(s) for s in (config.get("seeds") or (config.seed,))]
+  runs = [run_setting(config, presets[name], os.path.join(workdir, name, f"seed_{seed}"),
+                      seed=seed)
+          for name in names for seed in seeds]
+  summary = summarize(runs)
+  out = {"dataset": config.dataset, "teacher_model": config.teacher.model,
+         "student_model": config.student.model, "summary": summary, "runs": runs}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(out, f, indent=2)
+    print(table(summary), flush=True)
+  return out

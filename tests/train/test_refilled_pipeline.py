@@ -1,0 +1,163 @@
+"""ReFilled's two-stage pipeline end to end on a tiny digits setting, and its stage-2 objective."""
+
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kd_jax import models
+from kd_jax import teachers
+from kd_jax.data import class_splits
+from kd_jax.train import refilled
+from kd_jax.train import terms as terms_lib
+from kd_jax.train.state import TrainState, sgd
+from kd_jax.train.step import apply_model, make_train_step
+
+
+def _tiny_config():
+  config = importlib.import_module("experiments.configs.refilled_digits").get_config()
+  config.parallel = "none"
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.log_every = 1000
+  for cfg in (config.teacher, config.stage1, config.stage2):
+    cfg.num_steps = 4
+  config.teacher.options = {"width": 4}
+  config.student.options = {"width": 2}
+  config.stage1.eval_every_steps = 2
+  return config
+
+
+class _SpyData(refilled.TaskData):
+  """Records, in order, every stream the pipeline opens."""
+
+  def __init__(self, *args, **kwargs):
+    self.log = []
+    super().__init__(*args, **kwargs)
+
+  def train(self, role, start_step=0):
+    self.log.append(("train", role, "train"))
+    return super().train(role, start_step)
+
+  def eval(self, role, split):
+    self.log.append(("eval", role, split))
+    return super().eval(role, split)
+
+
+def test_pipeline_selects_on_val_and_reads_test_last(tmp_path):
+  config = _tiny_config()
+  setting = class_splits.digits_settings()["disjoint"]
+  data = _SpyData(config, setting, seed=0)
+  out = refilled.run_setting(config, setting, str(tmp_path), seed=0, data=data)
+
+  log = data.log
+  test_reads = [i for i, e in enumerate(log) if e[2] == "test"]
+  train_reads = [i for i, e in enumerate(log) if e[0] == "train"]
+  assert test_reads and min(test_reads) > max(train_reads)  # test only in the final evaluation
+  # Teacher, stage 1, stage 2 and the baseline each streamed their training data.
+  assert [e[1] for e in log if e[0] == "train"] == ["teacher", "student", "student", "student"]
+  # Stage-1 selection: NCM evaluations on val (centres from train) at steps 2 and 4, before any
+  # test read; the selected step is the best of them.
+  first_test = min(test_reads)
+  ncm_vals = [i for i, e in enumerate(log) if e == ("eval", "student", "val") and i < first_test]
+  assert len(ncm_vals) >= 2
+  with open(tmp_path / "stage1" / "train" / "metrics.jsonl") as f:
+    vals = [json.loads(l) for l in f if '"val"' in l]
+  assert [v["step"] for v in vals] == [2, 4]
+  best = max(vals, key=lambda v: v["ncm_accuracy"])
+  assert out["stage1"]["selected_step"] == best["step"]
+  assert out["stage1"]["val_ncm_accuracy"] == pytest.approx(best["ncm_accuracy"])
+
+  with open(tmp_path / "results.json") as f:
+    saved = json.load(f)
+  assert saved["setting"] == "disjoint" and saved["student_classes"] == [5, 6, 7, 8, 9]
+  for key in ("refilled", "student_alone"):
+    assert 0.0 <= saved[key]["test_accuracy"] <= 1.0
+  assert saved["refilled"]["loss"] == "ce:1,refilled_classifier:100"
+  summary = refilled.summarize([saved, {**saved, "seed": 1}])
+  assert summary["disjoint"]["refilled"]["std"] == 0.0
+  assert "disjoint" in refilled.table(summary)
+
+
+def _np_stage2(s_logits, t_embed, labels, centers, lam, tau):
+  """CE + lam * mean KL(softmax_{C_B}(<t, c>/tau) || softmax_{C_B}(z_S/tau)), float64."""
+  z = s_logits.astype(np.float64)
+  lse = np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1)) + z.max(1)
+  ce = np.mean(lse - z[np.arange(len(labels)), labels])
+  present = sorted(set(labels.tolist()))
+  zt = t_embed.astype(np.float64) @ centers.astype(np.float64).T
+  kls = []
+  for i in range(len(labels)):
+    a = zt[i, present] / tau
+    b = z[i, present] / tau
+    p = np.exp(a - a.max()); p /= p.sum()
+    q = np.exp(b - b.max()); q /= q.sum()
+    kls.append(np.sum(p * (np.log(p) - np.log(q))))
+  return ce + lam * np.mean(kls)
+
+
+def test_stage2_loss_is_ce_plus_lambda_classifier():
+  rng = np.random.default_rng(0)
+  n, classes = 24, 4
+  x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+  labels = np.array([0, 1, 3] * 8, np.int32)  # class 2 absent from the batch
+  teacher_model = models.create("cnn_digits", num_classes=7, rngs=nnx.Rngs(1), width=4)
+  frozen = teachers.freeze(teacher_model, model_name="cnn_digits", num_classes=7)
+  # Global centres over a "training set": numpy sums of the teacher's eval embeddings, normalised.
+  train_x = rng.normal(size=(40, 8, 8, 1)).astype(np.float32)
+  train_y = np.arange(40, dtype=np.int32) % classes
+  emb = np.asarray(frozen(jnp.asarray(train_x))[1]["embedding"], np.float64)
+  sums = np.stack([emb[train_y == c].sum(0) for c in range(classes)])
+  centers_np = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+  batches = [{"image": train_x[:32], "label": train_y[:32], "mask": np.ones(32, bool)},
+             {"image": np.concatenate([train_x[32:], np.zeros_like(train_x[:24])]),
+              "label": np.concatenate([train_y[32:], np.zeros(24, np.int32)]),
+              "mask": np.arange(32) < 8}]
+  centers = refilled.embedding_class_centers(frozen.graphdef, frozen.variables, batches, classes)
+  np.testing.assert_allclose(np.asarray(centers), centers_np, rtol=1e-5, atol=1e-6)
+
+  teacher = refilled.with_class_centers(frozen, centers)
+  student = models.create("cnn_digits", num_classes=classes, rngs=nnx.Rngs(2), width=2)
+  state = TrainState.create(student, sgd(0.0), rng=jax.random.key(0))
+  step = make_train_step("ce:1,refilled_classifier:100", teacher_graphdef=teacher.graphdef,
+                         loss_options={"refilled_classifier": {"temperature": 2.0}},
+                         axis_name=None)
+  batch = {"image": jnp.asarray(x), "label": jnp.asarray(labels)}
+  _, metrics = jax.jit(step)(state, batch, teacher.variables)
+
+  s_out, _ = apply_model(state.graphdef, state.params, state.batch_stats, x, train=True)
+  t_emb = np.asarray(frozen(jnp.asarray(x))[1]["embedding"])
+  want = _np_stage2(np.asarray(s_out.logits), t_emb, labels, centers_np, 100.0, 2.0)
+  assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4, abs=1e-5)
+  assert float(metrics["loss/refilled_classifier"]) > 0.0
+
+
+def test_classifier_term_needs_centres_and_validates():
+  student = models.create("cnn_digits", num_classes=3, rngs=nnx.Rngs(0), width=2)
+  teacher = teachers.freeze(models.create("cnn_digits", num_classes=5, rngs=nnx.Rngs(1),
+                                          width=2))
+  state = TrainState.create(student, sgd(0.1), rng=jax.random.key(0))
+  step = make_train_step("ce:1,refilled_classifier:100", teacher_graphdef=teacher.graphdef,
+                         axis_name=None)
+  batch = {"image": jnp.zeros((4, 8, 8, 1)), "label": jnp.array([0, 1, 2, 0])}
+  with pytest.raises(ValueError, match="with_class_centers"):
+    step(state, batch, teacher.variables)
+  bad = make_train_step("refilled_classifier:1(centers=nearby)",
+                        teacher_graphdef=teacher.graphdef, axis_name=None)
+  with pytest.raises(ValueError, match="centers must be 'global' or 'local'"):
+    bad(state, batch, teacher.variables)
+  with pytest.raises(ValueError, match=r"\[num_classes, d\]"):
+    refilled.with_class_centers(teacher, jnp.zeros((3,)))
+
+
+def test_settings_and_bad_names():
+  config = _tiny_config()
+  assert set(refilled.settings(config)) == {"same", "overlap", "disjoint"}
+  config.settings = ("sideways",)
+  with pytest.raises(ValueError, match="sideways"):
+    refilled.run(config, os.devnull)
