@@ -16,8 +16,8 @@ Perturbed Loss" (KDD 2024; METHODS.md section 1) at toy scale:
 3. Methods: KD at T = 1; KD with T chosen by the students' validation accuracy; label smoothing
    of the teacher's soft labels, (1 - a) p^t + a / K, with a chosen the same way; PTLoss with
    coefficients chosen by `kd_jax.ptloss.select_coefficients` on the validation split (no
-   student trained for the choice); PTLoss with a random valid candidate (a different one per
-   seed). Mean and standard deviation of test accuracy over `num_seeds` seeds.
+   student trained for the choice), class-shared ([M]) and per class ([K, M]); PTLoss with a
+   random valid class-shared candidate (a different one per seed). Mean and standard deviation of test accuracy over `num_seeds` seeds.
 4. The paper's claim: across candidates, the validation closeness score of the proxy teacher
    predicts the student's test accuracy. Pearson and Spearman correlations over a set of
    candidates spread over the score range, each student trained briefly.
@@ -44,7 +44,8 @@ from kd_jax import models
 from kd_jax import ptloss as ptloss_lib
 from kd_jax.train.step import apply_model
 
-METHODS = ("kd_t1", "kd_tuned", "label_smoothing", "ptloss_selected", "ptloss_random")
+METHODS = ("kd_t1", "kd_tuned", "label_smoothing", "ptloss_selected",
+           "ptloss_selected_per_class", "ptloss_random")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -294,12 +295,23 @@ def run(config, *, progress: bool | None = None) -> dict:
   pc = config.ptloss
   sel = ptloss_lib.select_coefficients(
       t_val, val["label"], key=jax.random.key(pc.seed), order=pc.order,
-      num_candidates=pc.num_candidates, distance=pc.distance, per_class=pc.per_class,
+      num_candidates=pc.num_candidates, distance=pc.distance, per_class=False,
       scale=pc.scale)
   scores = np.asarray(sel.scores)
   valid = np.asarray(sel.valid)
   candidates = np.asarray(sel.candidates)
-  eps_shape = candidates.shape[1:]
+  # Every student's epsilon is [K, M] (a class-shared [M] repeats one row for every class), so
+  # class-shared and per-class PTLoss share one program.
+  eps_shape = (k, pc.order)
+  try:
+    sel_pc = ptloss_lib.select_coefficients(
+        t_val, val["label"], key=jax.random.key(pc.seed), order=pc.order,
+        num_candidates=pc.num_candidates, distance=pc.distance, per_class=True, scale=pc.scale)
+    per_class = {"epsilon": np.asarray(sel_pc.epsilon).tolist(), "index": int(sel_pc.index),
+                 "score": float(sel_pc.scores[sel_pc.index]),
+                 "num_invalid": int(sel_pc.num_invalid)}
+  except ValueError as e:  # reported, and the per-class row is left out
+    sel_pc, per_class = None, {"error": f"{type(e).__name__}: {e}"}
   proxy = np.asarray(losses.proxy_teacher(jax.nn.softmax(t_test), sel.epsilon).probs)
   selection = {
       "epsilon": np.asarray(sel.epsilon).tolist(), "index": int(sel.index),
@@ -308,6 +320,7 @@ def run(config, *, progress: bool | None = None) -> dict:
       "proxy_test_ece": expected_calibration_error(proxy, test["label"]),
       "proxy_test_accuracy": float(np.mean(proxy.argmax(-1) == test["label"])),
       "proxy_test_mean_confidence": float(proxy.max(-1).mean()),
+      "per_class": per_class,
   }
   done("selection")
 
@@ -325,7 +338,7 @@ def run(config, *, progress: bool | None = None) -> dict:
                           .round().astype(int))]
   hp = _concat(hparams(len(t_grid), eps_shape, temperature=t_grid),
                hparams(len(a_grid), eps_shape, smoothing=a_grid),
-               hparams(len(pick), eps_shape, epsilon=candidates[pick]))
+               hparams(len(pick), eps_shape, epsilon=candidates[pick][:, None, :]))
   out = run_students(_seed_keys(len(hp["temperature"]), offset=1000), hp)
   val_acc = _accuracy(out["val"], val["label"])
   test_acc = _accuracy(out["test"], test["label"])
@@ -354,10 +367,15 @@ def run(config, *, progress: bool | None = None) -> dict:
       "label_smoothing": (hparams(s, eps_shape, smoothing=best_a),
                           f"teacher soft labels, a={best_a:g} (val)"),
       "ptloss_selected": (hparams(s, eps_shape, epsilon=sel.epsilon),
-                          f"select_coefficients, M={pc.order}"),
-      "ptloss_random": (hparams(s, eps_shape, epsilon=candidates[random_idx]),
+                          f"select_coefficients, shared, M={pc.order}"),
+      "ptloss_selected_per_class": (
+          hparams(s, eps_shape, epsilon=None if sel_pc is None else sel_pc.epsilon),
+          f"select_coefficients, per class [K, {pc.order}]"),
+      "ptloss_random": (hparams(s, eps_shape, epsilon=candidates[random_idx][:, None, :]),
                         "random valid eps (one per seed)"),
   }
+  if sel_pc is None:
+    del plans["ptloss_selected_per_class"]
   keys = jnp.concatenate([_seed_keys(s)] * len(plans))
   out = run_students(keys, _concat(*[h for h, _ in plans.values()]))
   val_acc = _accuracy(out["val"], val["label"]).reshape(len(plans), s)
@@ -390,11 +408,11 @@ def format_table(res: dict) -> str:
       f"{sel['proxy_test_ece']:.3f}; val score {sel['score']:.4f} vs teacher "
       f"{sel['score_vanilla_teacher']:.4f}",
       "",
-      f"{'method':<18}{'setting':<36}{'test accuracy (mean ± std, ' + str(res['num_seeds'])}"
+      f"{'method':<27}{'setting':<40}{'test accuracy (mean ± std, ' + str(res['num_seeds'])}"
       " seeds)",
   ]
   for name, r in res["methods"].items():
-    lines.append(f"{name:<18}{r['setting']:<36}{r['mean']:.4f} ± {r['std']:.4f}")
+    lines.append(f"{name:<27}{r['setting']:<40}{r['mean']:.4f} ± {r['std']:.4f}")
   lines += ["", f"closeness score vs student test accuracy over {len(c['score'])} candidates: Pearson {c['pearson']:+.3f}, Spearman "
             f"{c['spearman']:+.3f} (negative: closer proxy, better student)",
             f"total {res['seconds']:.0f} s"]

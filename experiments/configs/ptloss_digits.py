@@ -41,7 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.ptloss = ml_collections.ConfigDict()
   c.ptloss.order = 5
   c.ptloss.num_candidates = 1000
-  c.ptloss.per_class = False
   c.ptloss.scale = 1.0
   c.ptloss.distance = "l2"
   c.ptloss.seed = 0
