@@ -62,6 +62,7 @@ def test_main_job_end_to_end_and_resume(tmp_path):
   # Restarted in the same workdir (here in-process, on the 8 simulated devices): the teacher is
   # restored, every run resumes at its last checkpoint (already final) and the results agree.
   again = experiment.run(_tiny_config(), str(workdir))
+  assert os.path.exists(workdir / "ptloss_selection.json")  # reused, not recomputed
   assert again["teacher"]["trained_here"] is False
   assert again["teacher"]["test_accuracy"] == results["teacher"]["test_accuracy"]
   for name, r in results["methods"].items():
@@ -87,7 +88,7 @@ def test_bad_input_stops_before_training(tmp_path):
 
 
 def test_nan_teacher_is_refused(tmp_path):
-  model = models.create("cnn_digits", num_classes=10, width=16)
+  model = experiment.create_model("cnn_digits", num_classes=10, seed=0, width=16)
   model.fc.kernel.value = model.fc.kernel.value * np.nan
   path = teachers.save_teacher(tmp_path / "nan_teacher", model)
   c = _tiny_config()

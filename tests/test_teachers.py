@@ -11,11 +11,12 @@ from flax import nnx
 
 from kd_jax import models
 from kd_jax import teachers
+from kd_jax.train.experiment import create_model
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-  model = models.create("cnn_digits", num_classes=10, rngs=nnx.Rngs(3))
+  model = create_model("cnn_digits", num_classes=10, seed=3)  # jitted init: one compile
   x = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
   model(x, train=True)  # move the BatchNorm running statistics away from their init
   path = tmp_path_factory.mktemp("ckpt") / "teacher"
@@ -67,7 +68,7 @@ def test_partial_checkpoint_names_path(saved, tmp_path):
 
 def test_checkpoint_missing_arrays_names_them(tmp_path):
   # A checkpoint of the MLP restored as the CNN: arrays missing and unexpected, named by key path.
-  mlp = models.create("mlp_digits", num_classes=10)
+  mlp = create_model("mlp_digits", num_classes=10, seed=0)
   path = teachers.save_teacher(tmp_path / "mlp", mlp)
   with pytest.raises(ValueError, match=r"missing from the checkpoint.*params/") as e:
     teachers.restore_teacher(path, "cnn_digits", num_classes=10)

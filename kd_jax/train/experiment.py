@@ -225,19 +225,32 @@ def _ptloss_epsilon(runner: _Runner, config, teacher) -> tuple[list, dict]:
   if not pcfg.get("select", False):
     eps = np.atleast_1d(np.asarray(pcfg.get("epsilon", [0.0]), np.float32))
     return eps.tolist(), {"selected": False}
+  temperature = float((config.get("loss_options", {}) or {}).get("ptloss", {}).get(
+      "temperature", 1.0))
+  settings = {"teacher": teacher.path, "seed": int(config.seed), "temperature": temperature,
+              **{k: pcfg.get(k) for k in ("order", "num_candidates", "scale")}}
+  # The selection depends only on the teacher and these settings: reuse it when resuming.
+  cache = os.path.join(runner.workdir, "ptloss_selection.json")
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    if cached.get("settings") == json.loads(json.dumps(settings)):
+      return cached["epsilon"], cached["info"]
   from kd_jax import ptloss as ptloss_lib  # pylint: disable=g-import-not-at-top
   t_vars = jax.device_get(teacher.variables)
   logits = predict_logits(teacher.graphdef, t_vars, runner.data.eval("val"))
   labels = np.concatenate([b["label"][b["mask"]] for b in runner.data.eval("val")])
-  temperature = float((config.get("loss_options", {}) or {}).get("ptloss", {}).get(
-      "temperature", 1.0))
   sel = ptloss_lib.select_coefficients(
       jnp.asarray(logits), jnp.asarray(labels), key=jax.random.key(int(config.seed)),
       order=int(pcfg.get("order", 5)), num_candidates=int(pcfg.get("num_candidates", 64)),
       scale=float(pcfg.get("scale", 1.0)), temperature=temperature)
   info = {"selected": True, "index": int(sel.index), "score": float(sel.scores[sel.index]),
           "vanilla_score": float(sel.scores[0]), "num_invalid": int(sel.num_invalid)}
-  return np.asarray(sel.epsilon).tolist(), info
+  epsilon = np.asarray(sel.epsilon).tolist()
+  if jax.process_index() == 0:
+    with open(cache, "w") as f:
+      json.dump({"settings": settings, "epsilon": epsilon, "info": info}, f, indent=2)
+  return epsilon, info
 
 
 def _table(results: Mapping[str, Any]) -> str:
