@@ -30,11 +30,16 @@ TEACHER_LABELS = {"mf": "Teacher BPR-MF", "cml": "Teacher CML", "neumf": "Teache
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data", required=True,
+  p.add_argument("--data", default=None,
                  help="directory (or file) with GroupLens ratings: u.data, ratings.csv or "
                       "ratings.dat, e.g. ../shared/data/ml-100k")
   p.add_argument("--out", default=None, help="directory for results.json")
   p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..n-1)")
+  p.add_argument("--seed_list", default=None,
+                 help="comma-separated seeds to run instead of 0..n-1 (e.g. to run seeds in "
+                      "parallel processes; combine them with --merge)")
+  p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                 help="print (and with --out write) the table of several results.json files")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 1 seed, short teacher training and distillation")
   p.add_argument("--workdir", default=None,
@@ -65,6 +70,7 @@ def summarize(per_seed: dict[str, list[dict]]) -> list[dict]:
       vals = np.asarray([r[m] for r in runs], np.float64)
       rec[m] = float(vals.mean())
       rec[f"{m}_spread"] = float(vals.std())
+    rec["per_seed"] = [{m: float(r[m]) for m in METRICS} for r in runs]
     out.append(rec)
   return out
 
@@ -158,18 +164,45 @@ def run_seed(inter, seed, workdir, args, bar):
   return results
 
 
+def merge(paths, out=None):
+  """Combines results.json files of disjoint seeds into one table (per-seed values kept)."""
+  per_seed, order = {}, []
+  for path in paths:
+    with open(path) as f:
+      blob = json.load(f)
+    for r in blob["records"]:
+      runs = r.get("per_seed") or [{m: r[m] for m in METRICS}]
+      if r["method"] not in per_seed:
+        order.append(r["method"])
+        per_seed[r["method"]] = []
+      per_seed[r["method"]].extend(runs)
+  records = summarize({k: per_seed[k] for k in order})
+  n = records[0]["seeds"]
+  print(f"merged {len(paths)} file(s): test metrics, mean ± std over {n} seed(s)")
+  print(format_table(records))
+  if out:
+    _write(out, n, False, None, records)
+  return records
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.merge:
+    return merge(args.merge, args.out)
+  if args.data is None:
+    sys.exit("error: --data is required (a directory with u.data / ratings.csv / ratings.dat)")
   inter = _load(args.data)
   from tqdm import tqdm
-  seeds = 1 if args.quick else args.seeds
+  seed_ids = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
+              else list(range(1 if args.quick else args.seeds)))
+  seeds = len(seed_ids)
   stages = len(TEACHER_LABELS) + 2 + 4
   order, per_seed, extra = [], {}, {}
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or tmp
     with tqdm(total=seeds * stages, desc="hetcomp", file=sys.stderr) as bar:
-      for seed in range(seeds):
+      for done, seed in enumerate(seed_ids):
         res = run_seed(inter, seed, workdir, args, bar)
         for k, v in res.items():
           if k not in per_seed:
@@ -182,7 +215,7 @@ def main(argv=None):
         bar.write(f"seed {seed} done ({(time.time() - t0) / 60:.1f} min):\n"
                   + format_table(summarize({k: [res[k]] for k in res})))
         if args.out:  # partial results after every seed
-          _write(args.out, seed + 1, args.quick, time.time() - t0,
+          _write(args.out, done + 1, args.quick, time.time() - t0,
                  summarize({k: per_seed[k] for k in order}))
   records = summarize({k: per_seed[k] for k in order})
   for r in records:

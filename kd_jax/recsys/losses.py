@@ -8,7 +8,7 @@ training items, ranked):
   phase A: L_A(u) = - sum_{i in P_u + T_u} [ s_i - log( e^{s_i} + sum_{j in N_u \\ T_u} e^{s_j} ) ]
   phase B: L_B(u) = PL(P_u; N_u \\ T_u^(50))
                     + 1/2 [ PL(T_u^(50); N_u \\ T_u^(50)) + PL(T_u^(10); N_u \\ T_u^(10)) ]
-           PL(pi; R) = - sum_k [ s_{pi_k} - log( sum_{l >= k} e^{s_{pi_l}} + sum_{j in R} e^{s_j} ) ]
+           PL(pi; R) = - sum_k [s_{pi_k} - log(sum_{l >= k} e^{s_{pi_l}} + sum_{j in R} e^{s_j})]
 
 Every "rest" sum is a masked log-sum-exp over the pool itself (the official code subtracts the
 top-set sum from the all-unobserved sum and clamps at 1e-5; we never subtract). Losses are per

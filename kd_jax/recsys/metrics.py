@@ -42,7 +42,8 @@ def _chunk_metrics(scores, relevant, exclude, item_pop, *, ks, pop_k):
   for k in ks:
     h = hits[:, :k].astype(jnp.float32)
     out[f"recall@{k}"] = jnp.sum(h, -1) / jnp.maximum(n_rel, 1)
-    idcg = jnp.where(n_rel > 0, cum_discount[jnp.clip(jnp.minimum(n_rel, k) - 1, 0, k_max - 1)], 1.0)
+    last = jnp.clip(jnp.minimum(n_rel, k) - 1, 0, k_max - 1)
+    idcg = jnp.where(n_rel > 0, cum_discount[last], 1.0)
     out[f"ndcg@{k}"] = jnp.sum(h * discount[:k], -1) / idcg
   out["rec_popularity"] = jnp.mean(item_pop[top[:, :pop_k]], axis=-1)
   return out

@@ -6,8 +6,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from flax import nnx
 
 from kd_jax.recsys import distill, knowledge, teachers
 
@@ -47,7 +47,7 @@ def test_every_teacher_scores_and_learns(tiny_split, name):
   ctx = teachers.make_context(tiny_split)
   s = model.scores(jnp.arange(3), ctx)
   assert s.shape == (3, tiny_split.num_items) and np.all(np.isfinite(s))
-  tx = __import__("optax").adam(1e-2)
+  tx = optax.adam(1e-2)
   _, params, epoch = teachers.make_epoch_fn(model, tx, tiny_split.num_items)
   opt = tx.init(params)
   batches = jax.tree.map(jnp.asarray, teachers._epoch_batches(
