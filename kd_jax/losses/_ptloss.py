@@ -54,7 +54,8 @@ def _horner(coefficients, u):
   num = coefficients.shape[-1]
   if num == 0:
     return jnp.zeros_like(u)
-  acc = jnp.broadcast_to(coefficients[:, num - 1], u.shape)  # no 0 * u: XLA cannot drop it
+  top = coefficients[:, num - 1]
+  acc = jnp.broadcast_to(top, jnp.broadcast_shapes(u.shape, top.shape))  # not 0 * u + top
   for j in range(num - 2, -1, -1):
     acc = acc * u + coefficients[:, j]
   return acc
