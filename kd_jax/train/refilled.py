@@ -42,6 +42,7 @@ from kd_jax import losses
 from kd_jax import parallel
 from kd_jax import teachers
 from kd_jax.data import class_splits
+from kd_jax.models import mobilenet_v1  # noqa: F401  (registers "mobilenet_v1" for the CUB runs)
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.evaluate import evaluate, make_eval_step
@@ -533,13 +534,21 @@ def run_setting(config: ml_collections.ConfigDict, setting: str | class_splits.S
   return results
 
 
+def _cub_settings() -> dict[str, class_splits.Setting]:
+  """CUB-200: "full" (both on all 200 classes) and 100/100 splits with the student on 100-199."""
+  out = {"full": class_splits.Setting("full", tuple(range(200)), tuple(range(200)))}
+  out.update(class_splits.generalized_settings(200, 100, num_shared=50))
+  return out
+
+
 def settings(config: ml_collections.ConfigDict) -> dict[str, class_splits.Setting]:
-  """The class-split presets named by `config.class_settings` ("digits" or "cifar100"), or
+  """The class-split presets named by `config.class_settings` ("digits", "cifar100", "cub"), or
   explicit `config.custom_settings` {name: (teacher_classes, student_classes)}."""
   custom = dict(config.get("custom_settings", {}) or {})
   if custom:
     return {k: class_splits.Setting(k, tuple(v[0]), tuple(v[1])) for k, v in custom.items()}
-  presets = {"digits": class_splits.digits_settings, "cifar100": class_splits.cifar100_settings}
+  presets = {"digits": class_splits.digits_settings, "cifar100": class_splits.cifar100_settings,
+             "cub": _cub_settings}
   name = config.get("class_settings", config.dataset)
   if name not in presets:
     raise ValueError(f"unknown class_settings {name!r}; expected one of {sorted(presets)} or "

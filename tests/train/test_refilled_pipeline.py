@@ -161,3 +161,47 @@ def test_settings_and_bad_names():
   config.settings = ("sideways",)
   with pytest.raises(ValueError, match="sideways"):
     refilled.run(config, os.devnull)
+
+
+@pytest.mark.parametrize("name,arg", [("refilled_digits", None), ("refilled_cifar100", None),
+                                      ("refilled_cifar100", "wrn_16_1"),
+                                      ("refilled_cifar100", "wrn_40_1"),
+                                      ("refilled_cub", None), ("refilled_cub", "0.25")])
+def test_configs_parse_and_name_known_models_terms_and_settings(name, arg):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  config = module.get_config(arg) if arg else module.get_config()
+  known = models.available()
+  assert config.teacher.model in known and config.student.model in known
+  for stage in (config.stage1, config.stage2):
+    parsed = terms_lib.parse_terms(stage.loss, dict(stage.loss_options))
+    assert {t.name for t in parsed} <= set(terms_lib.known_terms())
+  assert {t.name for t in terms_lib.parse_terms(config.stage2.loss)} == {
+      "ce", "refilled_classifier"}
+  presets = refilled.settings(config)
+  assert set(config.settings) <= set(presets)
+  # The generalized settings keep the student's task fixed and vary the teacher's.
+  assert (presets["same"].student_classes == presets["overlap"].student_classes ==
+          presets["disjoint"].student_classes)
+  assert not set(presets["disjoint"].teacher_classes) & set(presets["disjoint"].student_classes)
+  if name != "refilled_digits":  # the published recipe
+    assert config.batch_size == 128
+    for stage in (config.teacher, config.stage1, config.stage2):
+      assert stage.num_epochs == 200 and stage.learning_rate == 0.1 and stage.nesterov
+      assert stage.weight_decay == 5e-4 and stage.momentum == 0.9
+    assert config.stage1.schedule == "cosine" and config.stage1.final_lr_factor == 0.1
+    assert tuple(config.stage2.decay_epochs) == (100, 140, 180)
+    assert config.stage2.decay_rate == 0.2
+    assert config.stage2.loss_options.refilled_classifier.temperature == 2.0
+
+
+def test_mobilenet_v1_parameter_count():
+  # Keras `MobileNet(alpha=1.0, weights=None)` summary: 4,231,976 trainable parameters
+  # (conv/BN scale-bias/classifier, BN running statistics excluded).
+  model = nnx.eval_shape(lambda: models.create("mobilenet_v1", num_classes=1000,
+                                               rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 4_231_976
+  out = nnx.eval_shape(lambda m: m(jnp.zeros((1, 224, 224, 3)), train=False),
+                       models.create("mobilenet_v1", num_classes=200, rngs=nnx.Rngs(0),
+                                     width_multiplier=0.25))
+  assert out[0].shape == (1, 200) and out[1]["embedding"].shape == (1, 256)
+  assert out[1]["pre_pool"].shape == (1, 7, 7, 256)
