@@ -1,6 +1,8 @@
 """Data: the offline digits dataset, TFDS sources, Grain pipelines, augmentation, teacher caches."""
 
 from kd_jax.data import augment
+from kd_jax.data import class_splits
+from kd_jax.data import cub
 from kd_jax.data import teacher_cache
 from kd_jax.data.augment import cifar_eval_transform
 from kd_jax.data.augment import cifar_train_augment
@@ -16,3 +18,11 @@ from kd_jax.data.sources import CIFAR_NUM_CLASSES
 from kd_jax.data.sources import DatasetUnavailableError
 from kd_jax.data.sources import cifar
 from kd_jax.data.sources import tfds_source
+from kd_jax.data.class_splits import ClassSplit
+from kd_jax.data.class_splits import Setting
+from kd_jax.data.class_splits import apply_split
+from kd_jax.data.class_splits import cifar100_settings
+from kd_jax.data.class_splits import class_split
+from kd_jax.data.class_splits import digits_settings
+from kd_jax.data.class_splits import generalized_settings
+from kd_jax.data.class_splits import label_map
