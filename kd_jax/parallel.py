@@ -96,6 +96,27 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(put, batch)
 
 
+def host_block(batch: Any) -> Any:
+  """This process's contiguous block of rows of a global batch every host holds in full.
+
+  For inputs that every host reads entirely (e.g. evaluation batches): process p of P keeps rows
+  [p * B / P, (p + 1) * B / P), which `shard_batch` reassembles into the global batch. The
+  identity on a single process.
+  """
+  count, index = jax.process_count(), jax.process_index()
+  if count == 1:
+    return batch
+
+  def block(x):
+    x = np.asarray(x)
+    if x.shape[0] % count:
+      raise ValueError(f"global batch of {x.shape[0]} rows cannot be split over {count} hosts.")
+    size = x.shape[0] // count
+    return x[index * size:(index + 1) * size]
+
+  return jax.tree.map(block, batch)
+
+
 def data_parallel(step_fn: Callable[..., tuple[Any, Any]], mesh: jax.sharding.Mesh, *,
                   donate_state: bool = True) -> Callable[..., tuple[Any, Any]]:
   """Maps a per-device `step_fn(state, batch, *replicated) -> (state, metrics)` over `mesh`.

@@ -72,3 +72,5 @@ def test_pmap_helpers_round_trip():
 def test_initialize_distributed_disabled_is_a_no_op():
   parallel.initialize_distributed(False)
   assert jax.process_count() == 1
+  batch = {"x": np.arange(6)}
+  assert parallel.host_block(batch) is batch  # one process: its block is the whole batch

@@ -64,7 +64,8 @@ def evaluate(eval_step, variables: Mapping[str, Any], batches: Iterable[Mapping[
   """
   total = {"correct": 0.0, "loss": 0.0, "count": 0.0}
   for batch in batches:
-    batch = parallel.shard_batch(batch, mesh) if mesh is not None else batch
+    if mesh is not None:  # every host reads the full batch and contributes its block of rows
+      batch = parallel.shard_batch(parallel.host_block(batch), mesh)
     sums = jax.device_get(eval_step(variables, batch))
     for k in total:
       total[k] += float(sums[k])
