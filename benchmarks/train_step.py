@@ -91,6 +91,25 @@ class JaxSetup:
 
     return lambda n: _timing.time_steps(one, n)
 
+  def parallel_runner(self, loss: str, num_devices: int):
+    """`run(n)` for the library's data-parallel step (`kd_jax.parallel.data_parallel`) over
+    `num_devices` devices, the global batch split among them (on a CPU host: simulated devices,
+    one per core, each running its shard on its own thread)."""
+    jax = self.jax
+    from kd_jax import parallel  # pylint: disable=g-import-not-at-top
+    mesh = parallel.make_mesh(num_devices)
+    fn = parallel.data_parallel(
+        self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef), mesh)
+    batch = parallel.shard_batch(jax.tree.map(lambda x: jax.device_get(x), self.batch), mesh)
+    t_vars = parallel.replicate(self.t_vars, mesh)
+    box = {"state": parallel.replicate(self.fresh_state(), mesh)}
+
+    def one():
+      box["state"], metrics = fn(box["state"], batch, t_vars)
+      jax.block_until_ready((box["state"], metrics))
+
+    return lambda n: _timing.time_steps(one, n)
+
   def teacher_runner(self):
     """`run(n)` for the teacher forward alone (inference mode, logits + pre_pool features)."""
     jax = self.jax
@@ -153,6 +172,9 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
     bf = JaxSetup(teacher, student, batch, teacher_dtype="bfloat16")
     cs["kd_jax kd (bf16 teacher)"] = _timing.Contestant("kd_jax kd (bf16 teacher)",
                                                         bf.step_runner(METHODS["kd"]))
+  if args.cpu_devices > 1:
+    name = f"kd_jax kd (data-parallel, {args.cpu_devices} devices)"
+    cs[name] = _timing.Contestant(name, setup.parallel_runner(METHODS["kd"], args.cpu_devices))
   if "breakdown" in variants:
     cs["kd_jax student fwd"] = _timing.Contestant("kd_jax student fwd",
                                                   setup.student_runner(False))
@@ -215,6 +237,8 @@ def main(argv=None):
                  help="also time PyTorch's student step and teacher forward")
   p.add_argument("--no-parts", action="store_true", help="skip the student/teacher part timings")
   p.add_argument("--teacher-dtype", default=None, help="compute dtype of the teacher (bfloat16)")
+  p.add_argument("--cpu-devices", type=int, default=1,
+                 help="also time the data-parallel KD step over this many (simulated CPU) devices")
   p.add_argument("--variants", default="",
                  help="extra KD contestants: no_donate, bf16_teacher, breakdown (student fwd, "
                       "student fwd+bwd)")
@@ -222,6 +246,8 @@ def main(argv=None):
   if args.quick:
     args.pairs, args.batches, args.methods = PAIRS[0], "64", "kd"
   import jax  # pylint: disable=g-import-not-at-top
+  if args.cpu_devices > 1:  # before any JAX operation; only the CPU backend reads it
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   print(_timing.machine_line())
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
