@@ -17,7 +17,8 @@ Perturbed Loss" (KDD 2024; METHODS.md section 1) at toy scale:
    of the teacher's soft labels, (1 - a) p^t + a / K, with a chosen the same way; PTLoss with
    coefficients chosen by `kd_jax.ptloss.select_coefficients` on the validation split (no
    student trained for the choice), class-shared ([M]) and per class ([K, M]); PTLoss with a
-   random valid class-shared candidate (a different one per seed). Mean and standard deviation of test accuracy over `num_seeds` seeds.
+   random valid class-shared candidate (a different one per seed). Mean and standard deviation
+   of test accuracy over `num_seeds` seeds.
 4. The paper's claim: across candidates, the validation closeness score of the proxy teacher
    predicts the student's test accuracy. Pearson and Spearman correlations over a set of
    candidates spread over the score range, each student trained briefly.
@@ -303,15 +304,17 @@ def run(config, *, progress: bool | None = None) -> dict:
   # Every student's epsilon is [K, M] (a class-shared [M] repeats one row for every class), so
   # class-shared and per-class PTLoss share one program.
   eps_shape = (k, pc.order)
-  try:
-    sel_pc = ptloss_lib.select_coefficients(
-        t_val, val["label"], key=jax.random.key(pc.seed), order=pc.order,
-        num_candidates=pc.num_candidates, distance=pc.distance, per_class=True, scale=pc.scale)
-    per_class = {"epsilon": np.asarray(sel_pc.epsilon).tolist(), "index": int(sel_pc.index),
-                 "score": float(sel_pc.scores[sel_pc.index]),
-                 "num_invalid": int(sel_pc.num_invalid)}
-  except ValueError as e:  # reported, and the per-class row is left out
-    sel_pc, per_class = None, {"error": f"{type(e).__name__}: {e}"}
+  sel_pc, per_class = None, {"skipped": "config.ptloss.per_class_row is False"}
+  if pc.per_class_row:
+    try:
+      sel_pc = ptloss_lib.select_coefficients(
+          t_val, val["label"], key=jax.random.key(pc.seed), order=pc.order,
+          num_candidates=pc.num_candidates, distance=pc.distance, per_class=True, scale=pc.scale)
+      per_class = {"epsilon": np.asarray(sel_pc.epsilon).tolist(), "index": int(sel_pc.index),
+                   "score": float(sel_pc.scores[sel_pc.index]),
+                   "num_invalid": int(sel_pc.num_invalid)}
+    except ValueError as e:  # reported, and the per-class row is left out
+      sel_pc, per_class = None, {"error": f"{type(e).__name__}: {e}"}
   proxy = np.asarray(losses.proxy_teacher(jax.nn.softmax(t_test), sel.epsilon).probs)
   selection = {
       "epsilon": np.asarray(sel.epsilon).tolist(), "index": int(sel.index),
@@ -413,7 +416,8 @@ def format_table(res: dict) -> str:
   ]
   for name, r in res["methods"].items():
     lines.append(f"{name:<27}{r['setting']:<40}{r['mean']:.4f} ± {r['std']:.4f}")
-  lines += ["", f"closeness score vs student test accuracy over {len(c['score'])} candidates: Pearson {c['pearson']:+.3f}, Spearman "
+  lines += ["", f"closeness score vs student test accuracy over {len(c['score'])} candidates: "
+            f"Pearson {c['pearson']:+.3f}, Spearman "
             f"{c['spearman']:+.3f} (negative: closer proxy, better student)",
             f"total {res['seconds']:.0f} s"]
   return "\n".join(lines)

@@ -34,9 +34,8 @@ from kd_jax import models
 from kd_jax import ptloss as ptloss_lib
 from kd_jax.data import glue as glue_lib
 from kd_jax.models import text as _text  # noqa: F401  (registers "text_transformer")
-from kd_jax.train import evaluate as eval_lib
-from kd_jax.train.state import TrainState
-from kd_jax.train.step import make_train_step
+from kd_jax import train as train_lib
+from kd_jax.train.evaluate import predict_logits
 
 INPUT_KEY = "tokens"
 
@@ -60,7 +59,7 @@ def _train(state, step_fn, batches, num_steps, desc, progress, teacher_variables
 
 def _logits_and_labels(graphdef, variables, batches):
   batches = list(batches)
-  logits = eval_lib.predict_logits(graphdef, variables, batches, input_key=INPUT_KEY)
+  logits = predict_logits(graphdef, variables, batches, input_key=INPUT_KEY)
   labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"])] for b in batches])
   return logits, labels
 
@@ -88,14 +87,15 @@ def run(config, *, progress: bool | None = None) -> dict:
 
   # 1. Teacher.
   teacher = _model(config, config.teacher.options, k, config.seed)
-  state = TrainState.create(teacher, optimizer(config.teacher), rng=jax.random.key(config.seed))
-  step = jax.jit(make_train_step("ce", axis_name=None, input_key=INPUT_KEY))
+  state = train_lib.TrainState.create(teacher, optimizer(config.teacher),
+                                      rng=jax.random.key(config.seed))
+  step = jax.jit(train_lib.make_train_step("ce", axis_name=None, input_key=INPUT_KEY))
   state, teacher_train = _train(state, step, train_stream(config.seed), config.teacher.num_steps,
                                 "teacher", progress)
   t_graphdef, t_vars = state.graphdef, state.variables()
-  t_eval = eval_lib.make_eval_step(t_graphdef, input_key=INPUT_KEY)
+  t_eval = train_lib.make_eval_step(t_graphdef, input_key=INPUT_KEY)
   results = {"task": config.task, "splits": splits,
-             "teacher": {"test": eval_lib.evaluate(t_eval, t_vars, eval_stream("test")),
+             "teacher": {"test": train_lib.evaluate(t_eval, t_vars, eval_stream("test")),
                          "last_train_metrics": teacher_train}}
 
   # 2. PTLoss coefficients from the dev slice.
@@ -118,17 +118,17 @@ def run(config, *, progress: bool | None = None) -> dict:
       raise ValueError(f"unknown method {method!r}; expected 'kd' or 'ptloss'.")
     eps = np.zeros_like(epsilon) if method == "kd" else epsilon
     student = _model(config, config.student.options, k, config.seed + 1)
-    state = TrainState.create(student, optimizer(config.student),
+    state = train_lib.TrainState.create(student, optimizer(config.student),
                               rng=jax.random.key(config.seed + 1))
-    step = jax.jit(make_train_step("ptloss", teacher_graphdef=t_graphdef,
+    step = jax.jit(train_lib.make_train_step("ptloss", teacher_graphdef=t_graphdef,
                                    loss_options={"ptloss": {"epsilon": eps.tolist()}},
                                    axis_name=None, input_key=INPUT_KEY))
     state, train_metrics = _train(state, step, train_stream(config.seed + 1),
                                   config.student.num_steps, method, progress,
                                   teacher_variables=t_vars)
-    s_eval = eval_lib.make_eval_step(state.graphdef, input_key=INPUT_KEY)
+    s_eval = train_lib.make_eval_step(state.graphdef, input_key=INPUT_KEY)
     results["students"][method] = {
-        "test": eval_lib.evaluate(s_eval, state.variables(), eval_stream("test")),
+        "test": train_lib.evaluate(s_eval, state.variables(), eval_stream("test")),
         "epsilon": eps.tolist(), "last_train_metrics": train_metrics}
   results["seconds"] = time.time() - t0
   results["config"] = config.to_dict()

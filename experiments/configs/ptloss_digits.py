@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.ptloss.num_candidates = 1000
   c.ptloss.scale = 1.0
   c.ptloss.distance = "l2"
+  c.ptloss.per_class_row = True   # also select and train per-class [K, M] coefficients
   c.ptloss.seed = 0
 
   c.correlation = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""kd_jax.data.glue: the hashing tokenizer by hand, TFDS GLUE sources and Grain batches on mock data."""
+"""kd_jax.data.glue: the hashing tokenizer by hand; TFDS GLUE sources and batches on mock data."""
 
 import zlib
 
