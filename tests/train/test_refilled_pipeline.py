@@ -15,6 +15,7 @@ from kd_jax import teachers
 from kd_jax.data import class_splits
 from kd_jax.train import refilled
 from kd_jax.train import terms as terms_lib
+from kd_jax.train.experiment import create_model
 from kd_jax.train.state import TrainState, sgd
 from kd_jax.train.step import apply_model, make_train_step
 
@@ -106,12 +107,14 @@ def test_stage2_loss_is_ce_plus_lambda_classifier():
   n, classes = 24, 4
   x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
   labels = np.array([0, 1, 3] * 8, np.int32)  # class 2 absent from the batch
-  teacher_model = models.create("cnn_digits", num_classes=7, rngs=nnx.Rngs(1), width=4)
+  teacher_model = create_model("cnn_digits", num_classes=7, seed=1, width=4)
   frozen = teachers.freeze(teacher_model, model_name="cnn_digits", num_classes=7)
+  t_embed = jax.jit(lambda v, x: teachers.FrozenTeacher(frozen.graphdef, v, "", 7)(x)[1][
+      "embedding"])
   # Global centres over a "training set": numpy sums of the teacher's eval embeddings, normalised.
   train_x = rng.normal(size=(40, 8, 8, 1)).astype(np.float32)
   train_y = np.arange(40, dtype=np.int32) % classes
-  emb = np.asarray(frozen(jnp.asarray(train_x))[1]["embedding"], np.float64)
+  emb = np.asarray(t_embed(frozen.variables, train_x), np.float64)
   sums = np.stack([emb[train_y == c].sum(0) for c in range(classes)])
   centers_np = sums / np.linalg.norm(sums, axis=1, keepdims=True)
   batches = [{"image": train_x[:32], "label": train_y[:32], "mask": np.ones(32, bool)},
@@ -122,7 +125,7 @@ def test_stage2_loss_is_ce_plus_lambda_classifier():
   np.testing.assert_allclose(np.asarray(centers), centers_np, rtol=1e-5, atol=1e-6)
 
   teacher = refilled.with_class_centers(frozen, centers)
-  student = models.create("cnn_digits", num_classes=classes, rngs=nnx.Rngs(2), width=2)
+  student = create_model("cnn_digits", num_classes=classes, seed=2, width=2)
   state = TrainState.create(student, sgd(0.0), rng=jax.random.key(0))
   step = make_train_step("ce:1,refilled_classifier:100", teacher_graphdef=teacher.graphdef,
                          loss_options={"refilled_classifier": {"temperature": 2.0}},
@@ -130,9 +133,10 @@ def test_stage2_loss_is_ce_plus_lambda_classifier():
   batch = {"image": jnp.asarray(x), "label": jnp.asarray(labels)}
   _, metrics = jax.jit(step)(state, batch, teacher.variables)
 
-  s_out, _ = apply_model(state.graphdef, state.params, state.batch_stats, x, train=True)
-  t_emb = np.asarray(frozen(jnp.asarray(x))[1]["embedding"])
-  want = _np_stage2(np.asarray(s_out.logits), t_emb, labels, centers_np, 100.0, 2.0)
+  s_logits = jax.jit(lambda p, b, x: apply_model(state.graphdef, p, b, x, train=True)[0].logits)(
+      state.params, state.batch_stats, x)
+  t_emb = np.asarray(t_embed(frozen.variables, x))
+  want = _np_stage2(np.asarray(s_logits), t_emb, labels, centers_np, 100.0, 2.0)
   assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4, abs=1e-5)
   assert float(metrics["loss/refilled_classifier"]) > 0.0
 
