@@ -306,15 +306,12 @@ def run(config, *, progress: bool | None = None) -> dict:
   eps_shape = (k, pc.order)
   sel_pc, per_class = None, {"skipped": "config.ptloss.per_class_row is False"}
   if pc.per_class_row:
-    try:
-      sel_pc = ptloss_lib.select_coefficients(
-          t_val, val["label"], key=jax.random.key(pc.seed), order=pc.order,
-          num_candidates=pc.num_candidates, distance=pc.distance, per_class=True, scale=pc.scale)
-      per_class = {"epsilon": np.asarray(sel_pc.epsilon).tolist(), "index": int(sel_pc.index),
-                   "score": float(sel_pc.scores[sel_pc.index]),
-                   "num_invalid": int(sel_pc.num_invalid)}
-    except ValueError as e:  # reported, and the per-class row is left out
-      sel_pc, per_class = None, {"error": f"{type(e).__name__}: {e}"}
+    sel_pc = ptloss_lib.select_coefficients(
+        t_val, val["label"], key=jax.random.key(pc.seed), order=pc.order,
+        num_candidates=pc.num_candidates, distance=pc.distance, per_class=True, scale=pc.scale)
+    per_class = {"epsilon": np.asarray(sel_pc.epsilon).tolist(), "index": int(sel_pc.index),
+                 "score": float(sel_pc.scores[sel_pc.index]),
+                 "num_invalid": int(sel_pc.num_invalid)}
   proxy = np.asarray(losses.proxy_teacher(jax.nn.softmax(t_test), sel.epsilon).probs)
   selection = {
       "epsilon": np.asarray(sel.epsilon).tolist(), "index": int(sel.index),
