@@ -64,7 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Stage 2: CE + lambda * embedding-induced classifier, from the selected stage-1 model.
   c.stage2 = ml_collections.ConfigDict()
   c.stage2.loss = "ce:1,refilled_classifier:100"
-  c.stage2.centers = "global"
   c.stage2.loss_options = {"refilled_classifier": {"temperature": 2.0, "centers": "global"}}
   c.stage2.num_epochs = 20
   c.stage2.num_steps = 0
