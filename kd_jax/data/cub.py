@@ -86,7 +86,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def train_augment(size: int = 224):
-  """RandomResizedCrop(size) + horizontal flip + ImageNet normalisation (float32 [size, size, 3])."""
+  """RandomResizedCrop(size) + horizontal flip + ImageNet normalisation, float32 [size, size, 3]."""
 
   def fn(image, rng):
     augment_lib._need_rng(rng, "train_augment")  # pylint: disable=protected-access

@@ -42,6 +42,7 @@ from kd_jax import losses
 from kd_jax import parallel
 from kd_jax import teachers
 from kd_jax.data import class_splits
+from kd_jax.losses._numerics import l2_normalize
 from kd_jax.models import mobilenet_v1  # noqa: F401  (registers "mobilenet_v1" for the CUB runs)
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
@@ -170,7 +171,6 @@ def embedding_class_centers(graphdef, variables, batches: Iterable[Mapping[str, 
     total = s if total is None else total + s
   if total is None:
     raise ValueError("embedding_class_centers got no batch.")
-  from kd_jax.losses._numerics import l2_normalize  # pylint: disable=g-import-not-at-top
   return l2_normalize(total)
 
 

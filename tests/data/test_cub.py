@@ -42,13 +42,14 @@ def test_random_resized_crop_box_follows_torchvision_bounds():
     top, left, ch, cw = cub.random_resized_crop_box(h, w, rng)
     assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
   # A very wide image makes every try fail: centred fallback with ratio clamped to 4/3.
-  assert cub.random_resized_crop_box(10, 1000, np.random.default_rng(0)) == (0, (1000 - 13) // 2, 10, 13)
+  box = cub.random_resized_crop_box(10, 1000, np.random.default_rng(0))
+  assert box == (0, (1000 - 13) // 2, 10, 13)
 
 
 def test_cub_batches_from_mock_tfds(monkeypatch):
   # tfds 4.9.10's mock reader breaks batched reads (`__getitems__`); read key by key instead, as
   # tests/data/test_tfds_sources.py does. Real array_record readers support batched reads.
-  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top,line-too-long
   monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
                       lambda self, keys: [self[k] for k in keys], raising=False)
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
