@@ -6,8 +6,8 @@ ImageNet normalisation (`kd_jax.data.cub`); SGD Nesterov 0.1, momentum 0.9, weig
 stage 1 cosine to 0.01 with NCM selection every 10 epochs, stage 2 CE + 100 x the
 embedding-induced classifier (tau_2 = 2, global centres) with x0.2 at epochs 100/140/180; 200
 epochs each, batch 128. 10% of the training images are held out for selection (never the test
-split). The official runs initialised from ImageNet weights is not stated in what we read; here
-every network starts from scratch unless `teacher.checkpoint` points to a trained teacher.
+split). Whether the official runs started from ImageNet weights is not stated in what we read;
+here every network starts from scratch unless `teacher.checkpoint` points to a trained teacher.
 
 Pick the student width after a colon (default 0.5); "full" is the README's setting (both on all
 200 classes), "same" / "overlap" / "disjoint" are 100/100 class splits (student on 100-199):
