@@ -1,7 +1,9 @@
 """Flax NNX classifiers that return logits and named features, so feature losses need no hooks.
 
 Build a model by name: `create(name, *, num_classes, rngs=None, **options)`; `available()` lists
-the names (RepDistiller's `model_dict` names for the CIFAR zoo plus `cnn_digits`/`mlp_digits`).
+the names (RepDistiller's `model_dict` names for the CIFAR zoo plus `cnn_digits`/`mlp_digits`,
+`mobilenet_v1` for CUB-200 at 224x224, and `text_transformer`, which takes int32 token ids
+[B, L] with 0 as padding instead of NHWC images).
 Parameter counts equal RepDistiller's PyTorch models (tests/models/test_param_counts.py).
 
 Call: `logits, features = model(x, train=...)` with x NHWC float ([B, 32, 32, 3] for CIFAR,
@@ -36,6 +38,6 @@ PyTorch checkpoints: `kd_jax.models.torch_convert.from_torch_state_dict`.
 
 from kd_jax.models._registry import available, create
 # Importing the model modules registers their names.
-from kd_jax.models import digits, mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401
+from kd_jax.models import digits, mobilenet_v1, mobilenetv2, resnet, shufflenet, text, vgg, wrn  # noqa: F401
 
 __all__ = ["available", "create"]
