@@ -211,3 +211,23 @@ def test_dkd_bfloat16_jit_vmap_grads():
   np.testing.assert_allclose(jax.vmap(dkd)(s, t, y), eager, rtol=1e-5)
   check_grads(lambda s, t: dkd(s, t, y[0], temperature=2.0), (s[0], t[0]), order=1,
               modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_logit_rows = hnp.arrays(np.float32, (3, 5), elements=st.floats(-50, 50, width=32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(s=_logit_rows, t=_logit_rows, temp=st.sampled_from([0.5, 1.0, 4.0]))
+def test_kd_is_nonnegative_and_zero_at_equality(s, t, temp):
+  # KL(p || q) >= 0 (Gibbs' inequality), with equality iff p == q; the student is the teacher.
+  assert np.all(np.asarray(kd(s, t, temperature=temp)) >= -1e-5)
+  np.testing.assert_allclose(kd(t, t, temperature=temp), 0.0, atol=1e-5)
+  # Adding a constant to a row leaves its softmax, hence the loss, unchanged.
+  np.testing.assert_allclose(kd(s + 7.0, t, temperature=temp), kd(s, t, temperature=temp),
+                             rtol=1e-4, atol=1e-4)
