@@ -146,6 +146,24 @@ def sp(student_features, teacher_features, *, where=None, axis_name=None):
   return sum(_sp_one(_gather(s, axis_name), _gather(t, axis_name), where) for s, t in pairs)
 
 
+def _embedding_pair(student_embed, teacher_embed, where, axis_name):
+  """Gathers (if `axis_name`), checks and flattens a student/teacher pair of [b, ...] embeddings.
+
+  Returns float32 `[b, d]` rows with masked rows zeroed, the teacher under `stop_gradient`, the
+  (gathered) mask and the batch size b.
+  """
+  student_embed, teacher_embed, where = (
+      _gather(x, axis_name) for x in (student_embed, teacher_embed, where))
+  check_rank(student_embed, 2, "student_embed")
+  check_rank(teacher_embed, 2, "teacher_embed")
+  check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
+  b = jnp.shape(student_embed)[0]
+  check_where(where, (b,))
+  s = to_float32(_flatten_rows(student_embed, where))
+  t = jax.lax.stop_gradient(to_float32(_flatten_rows(teacher_embed, where)))
+  return s, t, where, b
+
+
 def _pair_mask(where, b):
   """[b, b] float mask of pairs of valid rows (all ones when `where` is None)."""
   if where is None:
@@ -236,15 +254,7 @@ def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
   Returns:
     Scalar float32 loss.
   """
-  student_embed, teacher_embed, where = (
-      _gather(x, axis_name) for x in (student_embed, teacher_embed, where))
-  check_rank(student_embed, 2, "student_embed")
-  check_rank(teacher_embed, 2, "teacher_embed")
-  check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
-  b = jnp.shape(student_embed)[0]
-  check_where(where, (b,))
-  s = to_float32(_flatten_rows(student_embed, where))
-  t = jax.lax.stop_gradient(to_float32(_flatten_rows(teacher_embed, where)))
+  s, t, where, b = _embedding_pair(student_embed, teacher_embed, where, axis_name)
   pair = _pair_mask(where, b)
   n = masked_count(where, b)
 
@@ -302,15 +312,7 @@ def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None, axis_nam
   Returns:
     Scalar float32 loss.
   """
-  student_embed, teacher_embed, where = (
-      _gather(x, axis_name) for x in (student_embed, teacher_embed, where))
-  check_rank(student_embed, 2, "student_embed")
-  check_rank(teacher_embed, 2, "teacher_embed")
-  check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
-  b = jnp.shape(student_embed)[0]
-  check_where(where, (b,))
-  s = to_float32(_flatten_rows(student_embed, where))
-  t = jax.lax.stop_gradient(to_float32(_flatten_rows(teacher_embed, where)))
+  s, t, where, b = _embedding_pair(student_embed, teacher_embed, where, axis_name)
   q = _pkt_similarity(s, where, eps)
   p = _pkt_similarity(t, where, eps)
   terms = p * (jnp.log(p + eps) - jnp.log(q + eps))
