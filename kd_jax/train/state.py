@@ -1,8 +1,11 @@
 """The student's train state: one pytree holding everything a step reads and writes.
 
 `TrainState` carries the student's parameters and batch statistics as `nnx.State` pytrees (split
-from an NNX module at the boundary), the optax optimizer state, the step counter, a PRNG key and
-`extra`: any further explicit state a loss needs (for example CRD's memory bank). The graph
+from an NNX module at the boundary), the optax optimizer state, the step counter, a PRNG key,
+`extra`: any further explicit, non-trained state a loss needs (for example CRD's memory banks),
+and `aux_params`: trainable parameters that belong to a loss rather than to the student (CRD's
+embedding heads). The optimizer updates `trainable()`: the student's parameters alone when
+`aux_params` is empty, else `{"student": params, "aux": aux_params}`. The graph
 definition and the optax transformation are static (not leaves), so the state goes through
 `jax.jit`, `jax.shard_map`, `jax.pmap` and Orbax as a plain pytree.
 """
@@ -22,7 +25,7 @@ from flax import struct
 @struct.dataclass
 class TrainState:
   """Student state. Leaves: step, params, batch_stats (all non-Param variables), opt_state, rng,
-  extra."""
+  extra, aux_params (empty unless a loss term trains its own parameters)."""
 
   step: jax.Array
   params: nnx.State
@@ -30,12 +33,13 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array
   extra: Any
+  aux_params: Any
   graphdef: nnx.GraphDef = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
   @classmethod
   def create(cls, model: nnx.Module, tx: optax.GradientTransformation, *, rng: jax.Array,
-             extra: Any = None) -> "TrainState":
+             extra: Any = None, aux_params: Any = None) -> "TrainState":
     """Splits `model` into graph definition, `nnx.Param` state and the rest (`batch_stats`:
     BatchNorm statistics and any other non-trainable variable).
 
@@ -44,11 +48,31 @@ class TrainState:
       tx: the optax optimizer; its state is initialised on the parameters.
       rng: a `jax.random.key` carried in the state (split at every step).
       extra: further state (pytree of arrays) the loss terms read and update, or None.
+      aux_params: trainable parameters of loss terms ({term name: pytree}), or None.
     """
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
+    aux_params = {} if aux_params is None else aux_params
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(params), rng=rng, extra={} if extra is None else extra,
+               opt_state=tx.init(join_trainable(params, aux_params)), rng=rng,
+               extra={} if extra is None else extra, aux_params=aux_params,
                graphdef=graphdef, tx=tx)
+
+  def trainable(self):
+    """What the optimizer updates: `params`, or {"student": params, "aux": aux_params}."""
+    return join_trainable(self.params, self.aux_params)
+
+  def with_aux(self, *, aux_params: Any = None, extra: Any = None) -> "TrainState":
+    """Adds a loss term's trainable parameters and state; the optimizer state is re-initialised
+    on the joint trainable tree (call before training starts).
+
+    Args:
+      aux_params: {term name: pytree} merged into `aux_params`.
+      extra: {key: pytree} merged into `extra`.
+    """
+    aux = {**self.aux_params, **(aux_params or {})}
+    new_extra = {**self.extra, **(extra or {})}
+    return self.replace(aux_params=aux, extra=new_extra,
+                        opt_state=self.tx.init(join_trainable(self.params, aux)))
 
   def model(self) -> nnx.Module:
     """The student as an NNX module (for evaluation or export)."""
@@ -57,6 +81,21 @@ class TrainState:
   def variables(self) -> dict[str, nnx.State]:
     """{"params", "batch_stats"}: what an evaluation needs."""
     return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def join_trainable(params, aux_params):
+  """The optimizer's tree: the student's `params` alone when `aux_params` is empty (so plain runs
+  keep their optimizer state layout), else {"student": params, "aux": aux_params}."""
+  if not aux_params:
+    return params
+  return {"student": params, "aux": aux_params}
+
+
+def split_trainable(trainable, aux_params):
+  """Inverse of `join_trainable` (`aux_params` only tells which layout is used)."""
+  if not aux_params:
+    return trainable, aux_params
+  return trainable["student"], trainable["aux"]
 
 
 def sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,

@@ -4,9 +4,16 @@
 metrics)`, as big_vision's `proj/distill` update: the frozen teacher runs inside the same
 (jitted) step in inference mode under `stop_gradient`, so it sees exactly the student's view of
 the batch; the student runs in train mode; the loss is the weighted sum of the configured terms
-(`kd_jax.train.terms`), differentiated with respect to the student's parameters only. Under data
-parallelism (`axis_name="batch"`, see `kd_jax.parallel`) gradients, batch statistics and metrics
-are averaged with `jax.lax.pmean`; with `axis_name=None` the same step runs on one device.
+(`kd_jax.train.terms`), differentiated with respect to the student's parameters (and the loss
+terms' own heads, below). Under data parallelism (`axis_name="batch"`, see `kd_jax.parallel`)
+gradients, batch statistics and metrics are averaged with `jax.lax.pmean`; with `axis_name=None`
+the same step runs on one device.
+
+Loss terms with their own trainable parameters (`TrainState.aux_params`, e.g. CRD's embedding
+heads) are differentiated and updated together with the student (`TrainState.trainable()`); the
+state updates that stateful terms return (e.g. CRD's memory banks) are written into
+`TrainState.extra` after the optimizer update. Such terms combine their updates over the data-
+parallel axis themselves, so every replica holds the same `extra`.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kd_jax.parallel import BATCH_AXIS
-from kd_jax.train.state import TrainState
-from kd_jax.train.terms import Outputs, Term, TermContext, evaluate_terms, needs_teacher, parse_terms
+from kd_jax.train.state import TrainState, split_trainable
+from kd_jax.train.terms import Outputs, Term, TermContext, needs_teacher, parse_terms, run_terms
 
 
 def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
@@ -85,20 +92,22 @@ def make_train_step(loss: str | Sequence[Term], *,
       if teacher_variables is None:
         raise ValueError("this step was built with a teacher: pass teacher_variables.")
       teacher = teacher_outputs(teacher_graphdef, teacher_variables, x)
-    rng, _ = jax.random.split(state.rng)
+    rng, step_rng = jax.random.split(state.rng)
 
-    def loss_fn(params):
+    def loss_fn(trainable):
+      params, aux_params = split_trainable(trainable, state.aux_params)
       student, new_model_state = apply_model(state.graphdef, params, state.batch_stats, x,
                                              train=True)
       ctx = TermContext(student=student, teacher=teacher, batch=batch, params=params,
-                        axis_name=axis_name, step=state.step)
-      values = evaluate_terms(terms, ctx)
+                        axis_name=axis_name, step=state.step, aux_params=aux_params,
+                        extra=state.extra, rng=step_rng)
+      values, extra_updates = run_terms(terms, ctx)
       weights = {t.name: t.weight_at(state.step) for t in terms}
       total = sum(weights[t.name] * values[t.name] for t in terms)
-      return total, (values, weights, new_model_state, student.logits)
+      return total, (values, weights, new_model_state, student.logits, extra_updates)
 
-    grads, (values, weights, new_model_state, logits) = jax.grad(loss_fn, has_aux=True)(
-        state.params)
+    grads, (values, weights, new_model_state, logits, extra_updates) = jax.grad(
+        loss_fn, has_aux=True)(state.trainable())
     total = sum(weights[k] * values[k] for k in values)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     where = batch.get("mask")
@@ -113,10 +122,14 @@ def make_train_step(loss: str | Sequence[Term], *,
       grads = jax.lax.pmean(grads, axis_name)
       new_model_state = _pmean_floats(new_model_state, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    trainable = state.trainable()
+    updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
+    params, aux_params = split_trainable(jax.tree.map(lambda p, u: p + u, trainable, updates),
+                                         state.aux_params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_model_state,
-                              opt_state=opt_state, rng=rng)
+                              opt_state=opt_state, rng=rng, aux_params=aux_params,
+                              extra={**state.extra, **extra_updates} if extra_updates
+                              else state.extra)
     return new_state, metrics
 
   step.terms = terms

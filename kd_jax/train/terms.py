@@ -12,6 +12,11 @@ the data-parallel axis) plus its options to one scalar, calling the pure functio
 batch-relational losses (SP, RKD, PKT, CC) see the per-device batch as the PyTorch anchors do, or
 the global batch with the option `all_gather=true` (features all-gathered over the batch axis).
 New terms: `@register_term("name")`.
+
+Stateful terms (CRD, `kd_jax.train.crd`) read their trainable parameters from `ctx.aux_params`,
+their non-trained state from `ctx.extra` and a per-step key from `ctx.rng`, and return
+`(value, updates)`: `updates` ({key of `extra`: new value}, no gradient) is written into the
+state's `extra` by the step after the optimizer update.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import optax
 
 from kd_jax import losses
 from kd_jax.losses._numerics import masked_count
+from kd_jax.train import crd as _crd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,9 @@ class TermContext:
     params: the student's parameters (for terms with their own learned connectors).
     axis_name: the data-parallel axis name inside a mapped step, None on a single device.
     step: the current step (int32 scalar).
+    aux_params: the loss terms' own trainable parameters ({term name: pytree}, differentiated).
+    extra: the state's non-trained loss state (`TrainState.extra`, read-only here).
+    rng: a PRNG key for this step (the same on every device), or None.
   """
 
   student: Outputs
@@ -56,6 +65,9 @@ class TermContext:
   params: Any
   axis_name: str | None
   step: jax.Array
+  aux_params: Any = None
+  extra: Any = None
+  rng: jax.Array | None = None
 
   @property
   def where(self):
@@ -97,7 +109,8 @@ _NEEDS_TEACHER: set[str] = set()
 
 
 def register_term(name: str, *, needs_teacher: bool = True):
-  """Decorator registering `adapter(ctx: TermContext, **options) -> scalar` under `name`."""
+  """Decorator registering `adapter(ctx: TermContext, **options)` under `name`; the adapter
+  returns a scalar, or `(scalar, updates)` with `updates` a dict merged into `TrainState.extra`."""
 
   def wrap(fn):
     if name in _TERMS:
@@ -233,15 +246,33 @@ def _check_options(name: str, opts: Mapping[str, Any]) -> None:
                      f"{accepted + ['warmup_steps']}.")
 
 
-def evaluate_terms(terms: Sequence[Term], ctx: TermContext) -> dict[str, jax.Array]:
-  """The unweighted value of every term: {name: float32 scalar}."""
-  out = {}
+def run_terms(terms: Sequence[Term], ctx: TermContext
+              ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """The unweighted value of every term, {name: float32 scalar}, and the state updates the
+  stateful terms return, {key of `extra`: new value} (under stop_gradient).
+
+  Raises:
+    ValueError: a term needs a teacher and none is given, or two terms update the same key.
+  """
+  out, updates = {}, {}
   for term in terms:
     if ctx.teacher is None and term.name in _NEEDS_TEACHER:
       raise ValueError(f"loss term {term.name!r} needs a teacher, but none was given.")
     value = _TERMS[term.name](ctx, **dict(term.options))
+    if isinstance(value, tuple):
+      value, new = value
+      clash = sorted(set(new) & set(updates))
+      if clash:
+        raise ValueError(f"loss term {term.name!r} updates state {clash} that another term "
+                         "also updates.")
+      updates.update(jax.lax.stop_gradient(dict(new)))
     out[term.name] = jnp.asarray(value, jnp.float32)
-  return out
+  return out, updates
+
+
+def evaluate_terms(terms: Sequence[Term], ctx: TermContext) -> dict[str, jax.Array]:
+  """The unweighted value of every term: {name: float32 scalar} (state updates dropped)."""
+  return run_terms(terms, ctx)[0]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -370,6 +401,9 @@ def _nst(ctx: TermContext, feature="pre_pool", teacher_feature=None):
   s, t = _pair(ctx, feature, teacher_feature)
   value = losses.nst(s, t, where=ctx.where)
   return masked_mean(value, ctx.where) if jnp.ndim(value) else value
+
+
+register_term("crd")(_crd.crd_term)  # trainable heads + memory banks: see kd_jax.train.crd
 
 
 def _t_logits(ctx: TermContext):

@@ -1,0 +1,236 @@
+"""CRD in the train step: trainable embedding heads and memory banks as explicit train state.
+
+`kd_jax.losses.crd` is pure; this module owns what RepDistiller's `CRDLoss` keeps inside
+`torch.nn.Module`s: the two trainable `Embed` heads (linear + l2-normalise, one for the student's
+and one for the teacher's pooled embedding; both are trained, as in RepDistiller), the two memory
+banks [num_data, feat_dim] and the NCE normalisers (Z_s, Z_t), fixed from the first step.
+
+Where it lives in a `TrainState`:
+  aux_params["crd"] = {"student": {"kernel", "bias"}, "teacher": {"kernel", "bias"}}
+      differentiated and updated by the optimizer together with the student;
+  extra["crd"] = {"memory_s", "memory_t": [N, d] float32, "z_s", "z_t": float32 scalars,
+                  "z_set": bool scalar}
+      written by the step after the gradient (`crd_memory_update`, under stop_gradient).
+
+Negatives: for each example, K dataset indices drawn uniformly from the N - 1 indices other than
+its own (keyed by the step key and the example's dataset index, so the draw does not depend on
+how the batch is split over devices). RepDistiller's "exact" mode draws them from the other
+CLASSES' examples; excluding only the positive index differs from it by the few same-class
+negatives (about 1/num_classes of K) and is what this module does.
+
+Data parallelism: Z is estimated from the global first batch (per-device estimates combined
+with `psum`, weighted by the valid rows), and the memory update all-gathers the batch's indices,
+embeddings and mask over the batch axis before updating, so every replica holds the same banks
+and the result equals the single-device step on the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import losses
+from kd_jax.losses._numerics import l2_normalize
+from kd_jax.losses._numerics import masked_count
+from kd_jax.losses._numerics import to_float32
+from kd_jax.train.state import TrainState
+
+if TYPE_CHECKING:
+  from kd_jax.train.terms import TermContext
+
+__all__ = ["CRD_KEY", "crd_embed", "crd_term", "init_crd", "sample_negatives"]
+
+CRD_KEY = "crd"
+# Mixed into the state's key so that `init_crd(state)` does not consume the training key.
+_INIT_SALT = 0xC4D
+
+
+def _linear_init(key, dim_in: int, dim_out: int) -> dict[str, jax.Array]:
+  """torch.nn.Linear's default: kernel and bias ~ U(-1/sqrt(dim_in), 1/sqrt(dim_in))."""
+  bound = 1.0 / math.sqrt(dim_in)
+  k_w, k_b = jax.random.split(key)
+  return {"kernel": jax.random.uniform(k_w, (dim_in, dim_out), jnp.float32, -bound, bound),
+          "bias": jax.random.uniform(k_b, (dim_out,), jnp.float32, -bound, bound)}
+
+
+def init_crd(state_or_rng: TrainState | jax.Array, *, num_data: int, student_dim: int,
+             teacher_dim: int, feat_dim: int = 128):
+  """Initialises CRD's heads, memory banks and normalisers for a run.
+
+  Heads as torch.nn.Linear; memory rows ~ U(-s, s) with s = 1 / sqrt(feat_dim / 3), as
+  RepDistiller `ContrastMemory` (not normalised until first written); Z_s = Z_t = 0, unset.
+
+  Args:
+    state_or_rng: a `TrainState` (its key, salted, seeds the initialisation; the training key is
+      left as it is) or a `jax.random.key`.
+    num_data: N, the number of training examples (batch "index" values lie in [0, N)).
+    student_dim: width of the student's pooled embedding (the term's `feature`).
+    teacher_dim: width of the teacher's pooled embedding.
+    feat_dim: the embedding width d (RepDistiller: 128).
+
+  Returns:
+    For a `TrainState`: the state with `aux_params["crd"]`, `extra["crd"]` and the optimizer state
+    re-initialised on the joint trainable tree. For a key: `(aux_params, extra)` to pass to
+    `TrainState.create(..., aux_params=aux_params, extra=extra)`.
+
+  Raises:
+    ValueError: a non-positive size, or num_data < 2 (a negative must differ from the positive).
+  """
+  sizes = {"num_data": num_data, "student_dim": student_dim, "teacher_dim": teacher_dim,
+           "feat_dim": feat_dim}
+  bad = {k: v for k, v in sizes.items() if int(v) < 1}
+  if bad or num_data < 2:
+    raise ValueError(f"init_crd needs positive sizes and num_data >= 2, got {sizes}.")
+  if isinstance(state_or_rng, TrainState):
+    key = jax.random.fold_in(state_or_rng.rng, _INIT_SALT)
+  else:
+    key = state_or_rng
+  k_s, k_t, k_ms, k_mt = jax.random.split(key, 4)
+  heads = {"student": _linear_init(k_s, student_dim, feat_dim),
+           "teacher": _linear_init(k_t, teacher_dim, feat_dim)}
+  stdv = 1.0 / math.sqrt(feat_dim / 3.0)
+
+  def memory(k):
+    return jax.random.uniform(k, (num_data, feat_dim), jnp.float32, -stdv, stdv)
+
+  extra = {"memory_s": memory(k_ms), "memory_t": memory(k_mt),
+           "z_s": jnp.zeros((), jnp.float32), "z_t": jnp.zeros((), jnp.float32),
+           "z_set": jnp.zeros((), bool)}
+  if isinstance(state_or_rng, TrainState):
+    return state_or_rng.with_aux(aux_params={CRD_KEY: heads}, extra={CRD_KEY: extra})
+  return {CRD_KEY: heads}, {CRD_KEY: extra}
+
+
+def crd_embed(head: dict[str, jax.Array], features) -> jax.Array:
+  """RepDistiller `Embed`: l2_normalize(flatten(x) @ kernel + bias), in float32."""
+  x = to_float32(features).reshape(features.shape[0], -1)
+  return l2_normalize(x @ head["kernel"] + head["bias"], axis=-1)
+
+
+def sample_negatives(key, indices, *, num_data: int, num_negatives: int) -> jax.Array:
+  """[B, K] int32 indices, uniform over [0, N) without each row's own index (with replacement).
+
+  Row b draws from `fold_in(key, indices[b])`, so the draw depends only on the step key and the
+  example, not on which device holds it.
+  """
+  def one(i):
+    r = jax.random.randint(jax.random.fold_in(key, i), (num_negatives,), 0, num_data - 1)
+    return jnp.where(r >= i, r + 1, r).astype(jnp.int32)
+
+  return jax.vmap(one)(jnp.asarray(indices, jnp.int32))
+
+
+def _global_normalizers(z_s, z_t, count, axis_name):
+  """Valid-row-weighted mean of per-device Z estimates (Z is a mean over rows)."""
+  if axis_name is None:
+    return z_s, z_t
+  total = jax.lax.psum(count, axis_name)
+  num = jax.lax.psum(jnp.stack([z_s * count, z_t * count]), axis_name)
+  z = num / jnp.maximum(total, 1.0)
+  return z[0], z[1]
+
+
+def _gather(tree, axis_name):
+  if axis_name is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True), tree)
+
+
+def crd_term(ctx: "TermContext", feature="embedding", teacher_feature=None,
+             num_negatives: int = 16384, temperature: float = 0.07, momentum: float = 0.5,
+             feat_dim: int | None = None) -> tuple[jax.Array, dict[str, Any]]:
+  """The "crd" loss term: mean over valid rows of `losses.crd`, plus the updated CRD state.
+
+  s = Embed_s(student[feature]), t = Embed_t(teacher[feature]); negatives are the memory rows at
+  `sample_negatives(...)`, positives the memory rows at the batch's own "index" (read before the
+  update); (Z_s, Z_t) from `losses.crd_normalizers` on the first step (global batch), fixed after.
+  Then m_s[i] <- normalize(momentum m_s[i] + (1 - momentum) s_i), likewise m_t with t
+  (`losses.crd_memory_update`), for the all-gathered batch.
+
+  Paper: Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020.
+  Reference: HobbitLong/RepDistiller `crd/criterion.py`, `crd/memory.py` (`-b 0.8` with CE 1,
+  feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5).
+
+  Args:
+    ctx: the term context; needs batch["index"] (int [b] dataset indices), `ctx.rng`,
+      `ctx.aux_params["crd"]` and `ctx.extra["crd"]` (see `init_crd`).
+    feature: the student feature fed to its head (the pooled embedding).
+    teacher_feature: the teacher's (default: `feature`).
+    num_negatives: K.
+    temperature: T.
+    momentum: the memory momentum.
+    feat_dim: if given, checked against the heads' width.
+
+  Returns:
+    (loss, {"crd": new CRD state}).
+
+  Raises:
+    ValueError: CRD state missing (`init_crd` not called), no "index" in the batch, a head
+      whose width does not match the feature or `feat_dim`, or index not [b].
+  """
+  aux = ctx.aux_params or {}
+  extra = ctx.extra if isinstance(ctx.extra, dict) else {}
+  if CRD_KEY not in aux or CRD_KEY not in extra:
+    raise ValueError("loss term 'crd' needs its heads in TrainState.aux_params['crd'] and its "
+                     "memory in TrainState.extra['crd']: call "
+                     "kd_jax.train.crd.init_crd(state, num_data=..., student_dim=..., "
+                     "teacher_dim=...) before training.")
+  if "index" not in ctx.batch:
+    raise ValueError("loss term 'crd' needs the dataset index of every example as "
+                     f"batch['index'] (int [b]); the batch has {sorted(ctx.batch)}.")
+  if ctx.rng is None:
+    raise ValueError("loss term 'crd' needs a per-step key (TermContext.rng).")
+  heads, mem = aux[CRD_KEY], extra[CRD_KEY]
+  fs = ctx.student.features.get(feature)
+  ft = ctx.teacher.features.get(feature if teacher_feature is None else teacher_feature)
+  if fs is None or ft is None:
+    raise ValueError(f"loss term 'crd': feature {feature!r} / {teacher_feature!r} missing; the "
+                     f"student returns {sorted(ctx.student.features)}, the teacher "
+                     f"{sorted(ctx.teacher.features)}.")
+  ft = jax.lax.stop_gradient(ft)
+  width = mem["memory_s"].shape[1]
+  for who, f, head in (("student", fs, heads["student"]), ("teacher", ft, heads["teacher"])):
+    din = math.prod(f.shape[1:])
+    if head["kernel"].shape != (din, width):
+      raise ValueError(f"loss term 'crd': the {who} head is {head['kernel'].shape} but the "
+                       f"{who} feature {f.shape} and memory width {width} need ({din}, {width}).")
+  if feat_dim is not None and int(feat_dim) != width:
+    raise ValueError(f"loss term 'crd': feat_dim={feat_dim} but the CRD state has width {width}.")
+  index = jnp.asarray(ctx.batch["index"], jnp.int32)
+  if index.shape != fs.shape[:1]:
+    raise ValueError(f"batch['index'] must be [b] for a batch of {fs.shape[0]}, got "
+                     f"{index.shape}.")
+  where = ctx.where
+  num_data = mem["memory_s"].shape[0]
+
+  s = crd_embed(heads["student"], fs)
+  t = crd_embed(heads["teacher"], ft)
+  neg = sample_negatives(ctx.rng, index, num_data=num_data, num_negatives=int(num_negatives))
+  memory_s, memory_t = mem["memory_s"], mem["memory_t"]
+  s_neg, t_neg = memory_s[neg], memory_t[neg]
+  s_pos, t_pos = memory_s[index], memory_t[index]
+  kw = dict(num_data=num_data, temperature=temperature, student_positive=s_pos,
+            teacher_positive=t_pos, where=where)
+
+  # Estimated only while unset (the first step); the psum runs every step on two scalars.
+  z_s, z_t = jax.lax.cond(mem["z_set"], lambda: (mem["z_s"], mem["z_t"]),
+                          lambda: losses.crd_normalizers(s, t, s_neg, t_neg, **kw))
+  count = (jnp.asarray(index.shape[0], jnp.float32) if where is None
+           else jnp.sum(where.astype(jnp.float32)))
+  z_s_new, z_t_new = _global_normalizers(z_s, z_t, count, ctx.axis_name)
+  z_s = jnp.where(mem["z_set"], mem["z_s"], z_s_new)
+  z_t = jnp.where(mem["z_set"], mem["z_t"], z_t_new)
+
+  per_example = losses.crd(s, t, s_neg, t_neg, normalizers=(z_s, z_t), **kw)
+  value = jnp.sum(per_example) / masked_count(where, index.shape[0])
+
+  g_index, g_s, g_t, g_where = _gather((index, s, t, where), ctx.axis_name)
+  new = {"memory_s": losses.crd_memory_update(memory_s, g_s, g_index, momentum=momentum,
+                                              where=g_where),
+         "memory_t": losses.crd_memory_update(memory_t, g_t, g_index, momentum=momentum,
+                                              where=g_where),
+         "z_s": z_s, "z_t": z_t, "z_set": jnp.ones((), bool)}
+  return value, {CRD_KEY: jax.lax.stop_gradient(new)}
