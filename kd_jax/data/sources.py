@@ -27,20 +27,28 @@ class DatasetUnavailableError(RuntimeError):
 class MappedSource:
   """A random-access source whose examples pass through `fn` when read (lazily, per example)."""
 
-  def __init__(self, source, fn: Callable[[Mapping[str, Any]], dict[str, Any]]):
+  def __init__(self, source, fn: Callable[[Mapping[str, Any]], dict[str, Any]], *,
+               with_index: bool = False):
     self.source = source
     self.fn = fn
+    self.with_index = with_index  # add "index": the example's position in the source (CRD)
+
+  def _out(self, example, index):
+    out = self.fn(example)
+    if self.with_index:
+      out["index"] = np.int32(index)
+    return out
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.fn(self.source[index])
+    return self._out(self.source[index], index)
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     getitems = getattr(self.source, "__getitems__", None)
     examples = getitems(list(indices)) if getitems else [self.source[i] for i in indices]
-    return [self.fn(ex) for ex in examples]
+    return [self._out(ex, i) for ex, i in zip(examples, indices)]
 
 
 def _unavailable_message(name: str, split, data_dir, download: bool,
@@ -119,7 +127,8 @@ def cifar(name: str = "cifar100", split: str = "train", *, batch_size: int, seed
           train: bool, data_dir: str | os.PathLike | None = None,
           num_epochs: int | None = None, start_step: int = 0, prefetch: int = 2,
           num_threads: int | None = None, num_shards: int = 1, shard_index: int = 0,
-          download: bool = True, source=None) -> Iterator[dict[str, np.ndarray]]:
+          download: bool = True, source=None,
+          with_index: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """CIFAR-10/100 batches from TFDS through Grain, with the KD-literature augmentation.
 
   train=True: `kd_jax.data.batches` over the split (reshuffled every epoch, full batches only)
@@ -143,17 +152,19 @@ def cifar(name: str = "cifar100", split: str = "train", *, batch_size: int, seed
     shard_index: this host's block of the global batch (train only).
     download: let TFDS download and prepare a missing dataset.
     source: an already opened source of CIFAR examples (default `tfds_source(name, split)`).
+    with_index: also yield "index", int32 [B], each example's position in the split (CRD's
+      memory bank is indexed by it).
 
   Returns:
     An iterator of {"image": float32 [B, 32, 32, 3], "label": int32 [B]} (+ "mask" when not
-    `train`).
+    `train`, + "index" when `with_index`).
   """
   if name not in CIFAR_NUM_CLASSES:
     raise ValueError(f"unknown CIFAR dataset {name!r}; expected one of "
                      f"{sorted(CIFAR_NUM_CLASSES)}.")
   if source is None:
     source = tfds_source(name, split, data_dir=data_dir, download=download)
-  source = MappedSource(source, _image_and_label)
+  source = MappedSource(source, _image_and_label, with_index=with_index)
   if train:
     return pipeline.batches(
         source, batch_size=batch_size, seed=seed, shuffle=True, drop_remainder=True,

@@ -10,6 +10,7 @@
 docs/training.md); it is not imported here to keep this package light.
 """
 
+from kd_jax.train.crd import init_crd
 from kd_jax.train.evaluate import evaluate
 from kd_jax.train.evaluate import make_eval_step
 from kd_jax.train.loop import StopTraining
@@ -27,7 +28,7 @@ from kd_jax.train.terms import parse_terms
 from kd_jax.train.terms import register_term
 
 __all__ = [
-    "Outputs", "StopTraining", "Term", "TermContext", "TrainState", "evaluate", "fit",
+    "Outputs", "StopTraining", "Term", "TermContext", "TrainState", "evaluate", "fit", "init_crd",
     "known_terms", "make_eval_step", "make_train_step", "parse_terms", "register_term", "sgd",
     "step_decay_schedule", "stop_after",
 ]

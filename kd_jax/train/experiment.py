@@ -33,6 +33,7 @@ from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax import parallel
 from kd_jax import teachers
+from kd_jax.train import crd as crd_lib
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.evaluate import evaluate, make_eval_step, predict_logits
@@ -70,13 +71,18 @@ class Dataset:
                        f"{sorted(data_lib.CIFAR_NUM_CLASSES)}.")
     self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, self.batch_size)
 
-  def train(self, start_step: int = 0):
+  def train(self, start_step: int = 0, *, with_index: bool = False):
+    """The training stream from `start_step`; `with_index` adds each example's "index" (CRD)."""
     shards = dict(num_shards=jax.process_count(), shard_index=jax.process_index())
     if self.name == "digits":
-      return data_lib.batches(self._splits["train"], batch_size=self.batch_size, seed=self.seed,
+      arrays = self._splits["train"]
+      if with_index:
+        arrays = {**arrays, "index": np.arange(self.num_train, dtype=np.int32)}
+      return data_lib.batches(arrays, batch_size=self.batch_size, seed=self.seed,
                               start_step=start_step, **shards)
     return data_lib.cifar(self.name, batch_size=self.batch_size, seed=self.seed, train=True,
-                          start_step=start_step, source=self._sources["train"], **shards)
+                          start_step=start_step, source=self._sources["train"],
+                          with_index=with_index, **shards)
 
   def eval(self, split: str):
     if self.name == "digits":
@@ -150,6 +156,12 @@ def create_model(name: str, *, num_classes: int, seed: int, **options) -> nnx.Mo
                                        **options))()
 
 
+def _embedding_width(apply, x, feature: str) -> int:
+  """Width of `feature` of a model's (logits, features) output, from abstract evaluation."""
+  out = jax.eval_shape(lambda x: apply(x)[1][feature], x)
+  return int(out.shape[-1])
+
+
 class _Runner:
   """Shared machinery of one experiment: mesh, dataset, evaluation, fitting."""
 
@@ -174,6 +186,17 @@ class _Runner:
 
     return fn
 
+  def _init_crd(self, state, model, teacher, options):
+    if teacher is None:
+      raise ValueError("the crd term needs a teacher.")
+    x = jax.ShapeDtypeStruct((1,) + tuple(next(iter(self.data.eval("val")))["image"].shape[1:]),
+                             jnp.float32)
+    feature = options.get("feature", "embedding")
+    student_dim = _embedding_width(lambda x: state.model()(x, train=False), x, feature)
+    teacher_dim = _embedding_width(teacher, x, options.get("teacher_feature") or feature)
+    return crd_lib.init_crd(state, num_data=self.data.num_train, student_dim=student_dim,
+                            teacher_dim=teacher_dim, feat_dim=int(options.get("feat_dim", 128)))
+
   def fit(self, name, model, cfg, loss, *, teacher=None, loss_options=None):
     spe = self.data.steps_per_epoch
     tx = _optimizer(cfg, spe)
@@ -181,6 +204,9 @@ class _Runner:
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis)
+    crd_terms = [t for t in step.terms if t.name == "crd"]
+    if crd_terms:  # heads, memory banks and normalisers join the state (kd_jax.train.crd)
+      state = self._init_crd(state, model, teacher, dict(crd_terms[0].options))
     num_steps = _num_steps(cfg, spe)
     run_info = {"loss": [str(t) for t in step.terms], "model": cfg.model,
                 "model_options": {k: v for k, v in _model_options(cfg).items()},
@@ -191,7 +217,8 @@ class _Runner:
                 "dataset": self.data.name, "seed": int(self.config.seed)}
     eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
     return loop.fit(
-        state, step, self.data.train, num_steps=num_steps,
+        state, step, functools.partial(self.data.train, with_index=bool(crd_terms)),
+        num_steps=num_steps,
         teacher_variables=None if teacher is None else teacher.variables, mode=self.mode,
         mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
         checkpoint_every=int(self.config.get("checkpoint_every", 0) or 0),
