@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from experiments import ptloss_digits
 from experiments import ptloss_glue
@@ -96,12 +95,8 @@ def test_digits_experiment_tiny_end_to_end():
 
 
 @pytest.fixture
-def mock_tfds(monkeypatch):
-  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
-                      lambda self, keys: [self[k] for k in keys], raising=False)
-  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-    yield
+def mock_tfds(tfds_mock_data):
+  tfds_mock_data(16)
 
 
 def test_glue_experiment_on_mock_data(mock_tfds):

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from kd_jax.data import cub
 
@@ -46,17 +45,11 @@ def test_random_resized_crop_box_follows_torchvision_bounds():
   assert box == (0, (1000 - 13) // 2, 10, 13)
 
 
-def test_cub_batches_from_mock_tfds(monkeypatch):
-  # tfds 4.9.10's mock reader breaks batched reads (`__getitems__`); read key by key instead, as
-  # tests/data/test_tfds_sources.py does. Real array_record readers support batched reads.
-  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top,line-too-long
-  monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
-                      lambda self, keys: [self[k] for k in keys], raising=False)
-  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-    train = next(cub.cub("train", batch_size=4, seed=0, train=True, image_size=32,
-                         prefetch=0))
-    evals = list(cub.cub("test", batch_size=4, train=False, image_size=32, resize_size=36,
-                         prefetch=0))
+def test_cub_batches_from_mock_tfds(tfds_mock_data):
+  tfds_mock_data(6)  # see tests/conftest.py for the tfds 4.9.10 batched-read workaround
+  train = next(cub.cub("train", batch_size=4, seed=0, train=True, image_size=32, prefetch=0))
+  evals = list(cub.cub("test", batch_size=4, train=False, image_size=32, resize_size=36,
+                       prefetch=0))
   assert train["image"].shape == (4, 32, 32, 3) and train["image"].dtype == np.float32
   assert np.all((train["label"] >= 0) & (train["label"] < cub.NUM_CLASSES))
   assert np.all(np.isfinite(train["image"]))

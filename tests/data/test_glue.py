@@ -12,13 +12,8 @@ N = 12
 
 
 @pytest.fixture
-def mock_tfds(monkeypatch):
-  # tfds 4.9.10's mock reader lacks a working `__getitems__` (see tests/data/test_tfds_sources.py).
-  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
-                      lambda self, keys: [self[k] for k in keys], raising=False)
-  with tfds.testing.mock_data(num_examples=N, policy=tfds.testing.MockPolicy.USE_CODE):
-    yield
+def mock_tfds(tfds_mock_data):
+  tfds_mock_data(N)
 
 
 def _hand_id(word, vocab_size):

@@ -4,7 +4,6 @@ import itertools
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from kd_jax import data
 from kd_jax.data import augment as aug
@@ -14,16 +13,8 @@ N = 20
 
 
 @pytest.fixture
-def mock_tfds(monkeypatch):
-  # tfds 4.9.10's mock sets `__getitems__` on its MagicMock reader as a plain attribute, so
-  # batched reads fail with a missing-argument TypeError; real array_record readers support
-  # them. Read batches key by key through the (working) mocked `__getitem__` instead.
-  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__",
-                      lambda self, keys: [self[k] for k in keys], raising=False)
-  # USE_CODE: examples generated from the builder's feature spec; no metadata files, no network.
-  with tfds.testing.mock_data(num_examples=N, policy=tfds.testing.MockPolicy.USE_CODE):
-    yield
+def mock_tfds(tfds_mock_data):
+  tfds_mock_data(N)  # see tests/conftest.py for the tfds 4.9.10 batched-read workaround
 
 
 def _raw(name, split):
