@@ -19,3 +19,13 @@ def test_main_job_trains_crd_with_memory_bank_state(tmp_path):
   records = [json.loads(line) for line in open(tmp_path / "students" / "crd" / "metrics.jsonl")]
   losses = [rec["loss/crd"] for rec in records if "loss/crd" in rec]
   assert losses and np.all(np.isfinite(losses)) and min(losses) > 0.0
+
+
+def test_digits_training_stream_with_index_points_at_its_examples():
+  c = default.get_config()
+  data = experiment.Dataset(c)
+  train = data._splits["train"]  # pylint: disable=protected-access
+  batch = next(data.train(2, with_index=True))
+  np.testing.assert_array_equal(batch["label"], train["label"][batch["index"]])
+  np.testing.assert_array_equal(batch["image"], train["image"][batch["index"]])
+  assert "index" not in next(data.train(2))

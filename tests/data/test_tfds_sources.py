@@ -96,3 +96,15 @@ def test_unknown_names():
     data.tfds_source("no_such_dataset_kd", "train", download=False)
   with pytest.raises(ValueError, match="unknown CIFAR dataset"):
     data.cifar("cifar1000", "train", batch_size=2, train=True)
+
+
+def test_cifar_with_index_yields_each_examples_position(mock_tfds):
+  raw = _raw("cifar100", "train")
+  it = data.cifar("cifar100", "train", batch_size=8, seed=1, train=True, with_index=True)
+  for batch in itertools.islice(it, 3):
+    idx = batch["index"]
+    assert idx.dtype == np.int32 and idx.shape == (8,)
+    np.testing.assert_array_equal(batch["label"], [int(raw[i]["label"]) for i in idx])
+  # Without the flag the batch keeps its two keys.
+  plain = next(data.cifar("cifar100", "train", batch_size=8, seed=1, train=True))
+  assert set(plain) == {"image", "label"}
