@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kd_jax import compile_options
 from kd_jax import models
 from kd_jax import ptloss as ptloss_lib
 from kd_jax.data import glue as glue_lib
@@ -89,7 +90,7 @@ def run(config, *, progress: bool | None = None) -> dict:
   teacher = _model(config, config.teacher.options, k, config.seed)
   state = train_lib.TrainState.create(teacher, optimizer(config.teacher),
                                       rng=jax.random.key(config.seed))
-  step = jax.jit(train_lib.make_train_step("ce", axis_name=None, input_key=INPUT_KEY))
+  step = compile_options.jit(train_lib.make_train_step("ce", axis_name=None, input_key=INPUT_KEY))
   state, teacher_train = _train(state, step, train_stream(config.seed), config.teacher.num_steps,
                                 "teacher", progress)
   t_graphdef, t_vars = state.graphdef, state.variables()
@@ -120,7 +121,7 @@ def run(config, *, progress: bool | None = None) -> dict:
     student = _model(config, config.student.options, k, config.seed + 1)
     state = train_lib.TrainState.create(student, optimizer(config.student),
                               rng=jax.random.key(config.seed + 1))
-    step = jax.jit(train_lib.make_train_step("ptloss", teacher_graphdef=t_graphdef,
+    step = compile_options.jit(train_lib.make_train_step("ptloss", teacher_graphdef=t_graphdef,
                                    loss_options={"ptloss": {"epsilon": eps.tolist()}},
                                    axis_name=None, input_key=INPUT_KEY))
     state, train_metrics = _train(state, step, train_stream(config.seed + 1),

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from kd_jax import compile_options
+
 BATCH_AXIS = "batch"
 
 
@@ -124,8 +126,8 @@ def data_parallel(step_fn: Callable[..., tuple[Any, Any]], mesh: jax.sharding.Me
   `state` and the trailing arguments (e.g. frozen teacher variables) are replicated, `batch` is
   split along its leading axis over "batch", and the returned state and metrics must be
   replicated (the step `pmean`s them over "batch"). The mapping is `jax.shard_map` inside
-  `jax.jit`, with the state's buffers donated. Inputs must already be placed with
-  `replicate` / `shard_batch` (the mesh's axis is Explicit).
+  `jax.jit` (with `kd_jax.compile_options`), with the state's buffers donated. Inputs must
+  already be placed with `replicate` / `shard_batch` (the mesh's axis is Explicit).
 
   `check_vma=False` gives the per-device (pmap) semantics the step is written for: the gradient
   of the local loss is the local gradient, which the step then averages with `pmean` itself.
@@ -137,7 +139,7 @@ def data_parallel(step_fn: Callable[..., tuple[Any, Any]], mesh: jax.sharding.Me
                        check_vma=False)
     return fn(state, batch, *replicated)
 
-  return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+  return compile_options.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
 
 def pmap_parallel(step_fn: Callable[..., tuple[Any, Any]], *,
@@ -145,7 +147,9 @@ def pmap_parallel(step_fn: Callable[..., tuple[Any, Any]], *,
                   donate_state: bool = True) -> Callable[..., tuple[Any, Any]]:
   """Runs the same per-device `step_fn(state, batch, *replicated)` under `jax.pmap`.
 
-  Arguments carry a leading device axis: use `stack_for_pmap` for the state and the replicated
+  `jax.pmap` takes no compiler options, so on CPU this path keeps jaxlib's default
+  convolutions (see `kd_jax.compile_options`; `data_parallel` is faster there). Arguments carry a
+  leading device axis: use `stack_for_pmap` for the state and the replicated
   arguments and `split_for_pmap` for the global batch; `unstack_from_pmap` takes device 0's copy
   of the (identical) outputs.
   """

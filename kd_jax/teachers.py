@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kd_jax import compile_options
 from kd_jax import models
 
 _REQUIRED_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
@@ -186,7 +187,7 @@ def check_teacher_outputs(teacher: FrozenTeacher, batches: Iterable[Mapping[str,
   Raises:
     ValueError: naming the class counts, or the output and the batch with non-finite values.
   """
-  apply = jax.jit(lambda v, x: FrozenTeacher(teacher.graphdef, v, teacher.model_name,
+  apply = compile_options.jit(lambda v, x: FrozenTeacher(teacher.graphdef, v, teacher.model_name,
                                              teacher.num_classes)(x))
   for i, batch in enumerate(batches):
     if i >= max_batches:

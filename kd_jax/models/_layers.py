@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax.models._conv import conv_general_dilated
-
 # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"), RepDistiller's conv init.
 CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -25,8 +23,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
            rngs: nnx.Rngs) -> nnx.Conv:
   """`torch.nn.Conv2d(in, out, k, stride, padding, groups=groups, bias=bias)` in NHWC.
 
-  The convolution is `kd_jax.models._conv.conv_general_dilated`: the same forward op, with the
-  filter gradient computed as GEMMs on CPU (XLA:CPU's own is several times slower).
+  On CPU, compile models with `kd_jax.compile_options` (the library's steps do): jaxlib's
+  default hands convolutions to a single-threaded YNNPACK kernel.
 
   Args:
     in_channels: input channels.
@@ -43,7 +41,7 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
       in_channels, out_channels, (kernel_size, kernel_size), (stride, stride),
       padding=((padding, padding), (padding, padding)), feature_group_count=groups,
       use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=CONV_INIT,
-      conv_general_dilated=conv_general_dilated, rngs=rngs)
+      rngs=rngs)
 
 
 class TorchBatchNorm(nnx.BatchNorm):

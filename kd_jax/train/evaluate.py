@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from kd_jax import compile_options
 from kd_jax import parallel
 
 
@@ -46,14 +47,14 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
   the variables must be replicated on it; without one it runs on the default device.
   """
   if mesh is None:
-    return jax.jit(lambda v, b: _sums(graphdef, v, b, None, input_key))
+    return compile_options.jit(lambda v, b: _sums(graphdef, v, b, None, input_key))
 
   def per_device(v, b):
     return _sums(graphdef, v, b, parallel.BATCH_AXIS, input_key)
 
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.BATCH_AXIS)),
                          out_specs=P(), check_vma=False)
-  return jax.jit(mapped)
+  return compile_options.jit(mapped)
 
 
 def evaluate(eval_step, variables: Mapping[str, Any], batches: Iterable[Mapping[str, Any]], *,
@@ -76,7 +77,7 @@ def evaluate(eval_step, variables: Mapping[str, Any], batches: Iterable[Mapping[
 
 def predict_logits(graphdef: nnx.GraphDef, variables, batches, *, input_key: str = "image"):
   """Concatenated inference-mode logits over the valid rows of `batches` (for analysis)."""
-  apply = jax.jit(lambda v, x: nnx.merge(graphdef, v["params"], v["batch_stats"])(
+  apply = compile_options.jit(lambda v, x: nnx.merge(graphdef, v["params"], v["batch_stats"])(
       x, train=False)[0])
   out = []
   for batch in batches:

@@ -1,7 +1,8 @@
 """The training loop: steps, progress bar, metrics, periodic evaluation, checkpoints and resume.
 
 `fit` drives a per-device step (`kd_jax.train.step.make_train_step`) over the devices of a mesh
-(`jax.shard_map` under `jax.jit`, the default), under `jax.pmap`, or on one device. It writes to
+(`jax.shard_map` under `jax.jit`, the default), under `jax.pmap`, or on one device; the jitted
+paths compile with `kd_jax.compile_options`. It writes to
 `workdir`:
 
     metrics.jsonl         one JSON object per logged step or evaluation
@@ -29,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
+from kd_jax import compile_options
 from kd_jax import parallel
 from kd_jax.train.state import TrainState
 
@@ -238,7 +240,7 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
     host_state = parallel.unstack_from_pmap
   else:
     sharding = None
-    run = jax.jit(step_fn, donate_argnums=(0,))
+    run = compile_options.jit(step_fn, donate_argnums=(0,))
     put_state = lambda s: jax.tree.map(lambda x: jnp.array(x, copy=True), s)  # noqa: E731
     put_batch = lambda b: b  # noqa: E731
     host_state = lambda s: s  # noqa: E731

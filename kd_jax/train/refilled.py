@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kd_jax import compile_options
 from kd_jax import data as data_lib
 from kd_jax import losses
 from kd_jax import parallel
@@ -152,7 +153,7 @@ def _embed_fn(graphdef, input_key: str, feature: str):
     model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
     return model(x, train=False)[1][feature]
 
-  return jax.jit(embed)
+  return compile_options.jit(embed)
 
 
 def embedding_class_centers(graphdef, variables, batches: Iterable[Mapping[str, Any]],
