@@ -7,7 +7,8 @@ the batch; the student runs in train mode; the loss is the weighted sum of the c
 (`kd_jax.train.terms`), differentiated with respect to the student's parameters (and the loss
 terms' own heads, below). Under data parallelism (`axis_name="batch"`, see `kd_jax.parallel`)
 gradients, batch statistics and metrics are averaged with `jax.lax.pmean`; with `axis_name=None`
-the same step runs on one device.
+the same step runs on one device. With `cached_teacher` the teacher's outputs come with the batch
+(`kd_jax.data.teacher_cache`) and the step runs no teacher at all.
 
 Loss terms with their own trainable parameters (`TrainState.aux_params`, e.g. CRD's embedding
 heads) are differentiated and updated together with the student (`TrainState.trainable()`); the
@@ -48,6 +49,20 @@ def teacher_outputs(teacher_graphdef: nnx.GraphDef, teacher_variables: Mapping[s
   return out
 
 
+def cached_teacher_outputs(batch: Mapping[str, jax.Array], prefix: str = "teacher_") -> Outputs:
+  """The teacher's outputs carried by a batch: `batch[prefix + "logits"]` and every other
+  `batch[prefix + name]` as feature `name` (the layout of `kd_jax.data.teacher_cache.attach`)."""
+  logits_key = prefix + "logits"
+  if logits_key not in batch:
+    raise ValueError(
+        f"cached_teacher={prefix!r}: the batch has no {logits_key!r} entry (keys: "
+        f"{sorted(batch)}); attach the cache to the dataset with "
+        "kd_jax.data.teacher_cache.attach.")
+  features = {k[len(prefix):]: jax.lax.stop_gradient(v) for k, v in batch.items()
+              if k.startswith(prefix) and k != logits_key}
+  return Outputs(jax.lax.stop_gradient(batch[logits_key]), features)
+
+
 def _pmean_floats(tree, axis_name):
   return jax.tree.map(
       lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
@@ -57,7 +72,8 @@ def make_train_step(loss: str | Sequence[Term], *,
                     teacher_graphdef: nnx.GraphDef | None = None,
                     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
                     axis_name: str | None = BATCH_AXIS,
-                    input_key: str = "image") -> Callable[..., tuple[TrainState, dict]]:
+                    input_key: str = "image",
+                    cached_teacher: str | None = None) -> Callable[..., tuple[TrainState, dict]]:
   """Builds the per-device step for the weighted sum of loss terms `loss`.
 
   total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
@@ -71,6 +87,12 @@ def make_train_step(loss: str | Sequence[Term], *,
     loss_options: per-term options, e.g. {"kd": {"temperature": 4.0}}.
     axis_name: the data-parallel axis to `pmean` over; None for a plain single-device step.
     input_key: the batch entry fed to both models.
+    cached_teacher: read the teacher's outputs from the batch instead of running a teacher: the
+      prefix of the batch keys that hold them, e.g. "teacher_" for the columns that
+      `kd_jax.data.teacher_cache.attach` adds ("teacher_logits" and one "teacher_<feature>"
+      per cached feature). The step then costs a student step; use it only for inputs without
+      random augmentation (the cache holds the teacher's view of the un-augmented example).
+      Excludes `teacher_graphdef`.
 
   Returns:
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
@@ -81,9 +103,12 @@ def make_train_step(loss: str | Sequence[Term], *,
     ValueError: an unknown term, or a term that needs a teacher when none is given.
   """
   terms = parse_terms(loss, loss_options)
-  if needs_teacher(terms) and teacher_graphdef is None:
+  if cached_teacher is not None and teacher_graphdef is not None:
+    raise ValueError("pass either teacher_graphdef (run the teacher in the step) or "
+                     "cached_teacher (read its outputs from the batch), not both.")
+  if needs_teacher(terms) and teacher_graphdef is None and cached_teacher is None:
     raise ValueError(f"the loss {', '.join(map(str, terms))} needs a teacher "
-                     "(teacher_graphdef is None).")
+                     "(teacher_graphdef is None and no cached_teacher).")
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
     x = batch[input_key]
@@ -92,6 +117,11 @@ def make_train_step(loss: str | Sequence[Term], *,
       if teacher_variables is None:
         raise ValueError("this step was built with a teacher: pass teacher_variables.")
       teacher = teacher_outputs(teacher_graphdef, teacher_variables, x)
+    elif cached_teacher is not None:
+      if teacher_variables is not None:
+        raise ValueError("this step reads the teacher from the batch (cached_teacher); "
+                         "do not pass teacher_variables.")
+      teacher = cached_teacher_outputs(batch, cached_teacher)
     rng, step_rng = jax.random.split(state.rng)
 
     def loss_fn(trainable):
