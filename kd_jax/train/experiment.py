@@ -56,6 +56,7 @@ class Dataset:
       self.num_classes = splits.num_classes
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
       self.num_train = len(splits.train["label"])
+      self.image_shape = tuple(splits.train["image"].shape[1:])
     elif self.name in data_lib.CIFAR_NUM_CLASSES:
       self.num_classes = data_lib.CIFAR_NUM_CLASSES[self.name]
       self.data_dir = config.get("data_dir") or None
@@ -66,6 +67,7 @@ class Dataset:
                                       data_dir=self.data_dir),
           "test": data_lib.tfds_source(self.name, "test", data_dir=self.data_dir)}
       self.num_train = len(self._sources["train"])
+      self.image_shape = (32, 32, 3)  # the CIFAR pipeline's output (kd_jax.data.cifar)
     else:
       raise ValueError(f"unknown dataset {self.name!r}; expected 'digits' or one of "
                        f"{sorted(data_lib.CIFAR_NUM_CLASSES)}.")
@@ -189,8 +191,7 @@ class _Runner:
   def _init_crd(self, state, model, teacher, options):
     if teacher is None:
       raise ValueError("the crd term needs a teacher.")
-    x = jax.ShapeDtypeStruct((1,) + tuple(next(iter(self.data.eval("val")))["image"].shape[1:]),
-                             jnp.float32)
+    x = jax.ShapeDtypeStruct((1,) + self.data.image_shape, jnp.float32)
     feature = options.get("feature", "embedding")
     student_dim = _embedding_width(lambda x: state.model()(x, train=False), x, feature)
     teacher_dim = _embedding_width(teacher, x, options.get("teacher_feature") or feature)
