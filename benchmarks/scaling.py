@@ -48,6 +48,7 @@ def main(argv=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from kd_jax import compile_options  # pylint: disable=g-import-not-at-top
   from kd_jax import models, parallel  # pylint: disable=g-import-not-at-top
   from kd_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from kd_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -69,7 +70,8 @@ def main(argv=None):
                                        tx, rng=jax.random.key(0))
 
   per_dev_fn = step_lib.make_train_step(spec, teacher_graphdef=t_gd)
-  single = jax.jit(step_lib.make_train_step(spec, teacher_graphdef=t_gd, axis_name=None))
+  single = compile_options.jit(
+      step_lib.make_train_step(spec, teacher_graphdef=t_gd, axis_name=None))
   rng = np.random.default_rng(0)
 
   cs, checks = [], []

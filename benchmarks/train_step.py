@@ -50,11 +50,13 @@ class JaxSetup:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from kd_jax import compile_options  # pylint: disable=g-import-not-at-top
     from kd_jax import models  # pylint: disable=g-import-not-at-top
     from kd_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
     from kd_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
     self.jax, self.step_lib, self.state_lib = jax, step_lib, state_lib
+    self.jit = compile_options.jit  # what the library's train loop compiles with
     self.batch_size = batch
     rng = np.random.default_rng(seed)
     self.batch = {
@@ -73,8 +75,12 @@ class JaxSetup:
     return self.state_lib.TrainState.create(self._student(), self.tx,
                                             rng=self.jax.random.key(0))
 
-  def step_runner(self, loss: str | None, donate: bool = True):
-    """`run(n) -> seconds per step` for the library step with `loss` (None: student-only CE)."""
+  def step_runner(self, loss: str | None, donate: bool = True, library_options: bool = True):
+    """`run(n) -> seconds per step` for the library step with `loss` (None: student-only CE).
+
+    `library_options=False` compiles with plain `jax.jit` (jaxlib's default XLA:CPU options)
+    instead of `kd_jax.compile_options.jit`, the way the library's train loop compiles.
+    """
     jax = self.jax
     if loss is None:
       fn = self.step_lib.make_train_step("ce:1", axis_name=None)
@@ -82,14 +88,49 @@ class JaxSetup:
     else:
       fn = self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef, axis_name=None)
       args = (self.t_vars,)
-    jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
-    box = {"state": self.fresh_state()}
+    jit = self.jit if library_options else jax.jit
+    jitted = jit(fn, donate_argnums=(0,) if donate else ())
+    state, batch = self.fresh_state(), self.batch
+    if loss is not None and "crd" in loss:
+      state, batch = self._with_crd(state, batch)
+    box = {"state": state}
 
     def one():
-      box["state"], metrics = jitted(box["state"], self.batch, *args)
+      box["state"], metrics = jitted(box["state"], batch, *args)
       jax.block_until_ready((box["state"], metrics))
 
     return lambda n: _timing.time_steps(one, n)
+
+  def cached_teacher_runner(self, loss: str):
+    """`run(n)` for the step that reads the teacher's logits from the batch (a teacher-output
+    cache, `make_train_step(..., cached_teacher="teacher_")`): the teacher ran once, beforehand."""
+    jax = self.jax
+    out = self.jax.jit(lambda v, x: self.step_lib.teacher_outputs(self.t_graphdef, v, x).logits)
+    batch = {**self.batch, "teacher_logits": out(self.t_vars, self.batch["image"])}
+    fn = self.step_lib.make_train_step(loss, cached_teacher="teacher_", axis_name=None)
+    jitted = self.jit(fn, donate_argnums=(0,))
+    box = {"state": self.fresh_state()}
+
+    def one():
+      box["state"], metrics = jitted(box["state"], batch)
+      jax.block_until_ready((box["state"], metrics))
+
+    return lambda n: _timing.time_steps(one, n)
+
+  def _with_crd(self, state, batch, num_data: int = 50_000):
+    """CRD's heads and memory banks in the state (`init_crd`, CIFAR-100's 50k examples), and
+    dataset indices in the batch, as the main job sets them up."""
+    jax, jnp = self.jax, self.jax.numpy
+    from kd_jax.train import crd as crd_lib  # pylint: disable=g-import-not-at-top
+    x = jax.ShapeDtypeStruct((1,) + self.batch["image"].shape[1:], jnp.float32)
+    student_dim = jax.eval_shape(
+        lambda x: state.model()(x, train=False)[1]["embedding"], x).shape[-1]
+    teacher_dim = jax.eval_shape(lambda x: self.step_lib.teacher_outputs(
+        self.t_graphdef, self.t_vars, x).features["embedding"], x).shape[-1]
+    state = crd_lib.init_crd(state, num_data=num_data, student_dim=student_dim,
+                             teacher_dim=teacher_dim)
+    index = jnp.arange(self.batch_size, dtype=jnp.int32)
+    return state, {**batch, "index": index}
 
   def parallel_runner(self, loss: str, num_devices: int):
     """`run(n)` for the library's data-parallel step (`kd_jax.parallel.data_parallel`) over
@@ -115,10 +156,11 @@ class JaxSetup:
     jax = self.jax
     gd = self.t_graphdef
 
-    @jax.jit
     def fwd(t_vars, x):
       out = self.step_lib.teacher_outputs(gd, t_vars, x)
       return out.logits, out.features["pre_pool"]
+
+    fwd = self.jit(fwd)
 
     def one():
       jax.block_until_ready(fwd(self.t_vars, self.batch["image"]))
@@ -137,7 +179,7 @@ class JaxSetup:
       logz = jax.nn.log_softmax(out.logits)
       return -jnp.mean(jnp.take_along_axis(logz, batch["label"][:, None], -1)), new_stats
 
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True) if backward else loss)
+    fn = self.jit(jax.value_and_grad(loss, has_aux=True) if backward else loss)
 
     def one():
       jax.block_until_ready(fn(state.params, state.batch_stats))
@@ -165,6 +207,12 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
       continue
     cs[f"kd_jax {m}"] = _timing.Contestant(f"kd_jax {m}", run)
   variants = [v for v in (args.variants or "").split(",") if v]
+  if "jaxlib_default" in variants:
+    name = "kd_jax kd (jaxlib default options)"
+    cs[name] = _timing.Contestant(name, setup.step_runner(METHODS["kd"], library_options=False))
+  if "cached_teacher" in variants:
+    name = "kd_jax kd (cached teacher)"
+    cs[name] = _timing.Contestant(name, setup.cached_teacher_runner(METHODS["kd"]))
   if "no_donate" in variants:
     cs["kd_jax kd (no donation)"] = _timing.Contestant(
         "kd_jax kd (no donation)", setup.step_runner(METHODS["kd"], donate=False))
@@ -215,6 +263,10 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
     over = _timing.median([k / p for k, p in zip(kd.round_medians, parts)])
     print(f"  KD / (student step + teacher forward) = {over:.3f}  (target <= 1.05)")
     res["overhead"] = over
+  if "kd_jax kd" in cs and "kd_jax kd (cached teacher)" in cs:
+    speedup = _timing.paired_ratio(cs["kd_jax kd"], cs["kd_jax kd (cached teacher)"])
+    print(f"  teacher-output cache: KD step / cached-teacher KD step = {speedup:.2f}x images/s")
+    res["cache_speedup"] = speedup
   if "pytorch kd" in cs and "kd_jax kd" in cs:
     res["ratio"] = _timing.paired_ratio(cs["pytorch kd"], cs["kd_jax kd"])
     res["cpu_ratio"] = _timing.paired_ratio(cs["pytorch kd"], cs["kd_jax kd"], cpu=True)
@@ -240,7 +292,9 @@ def main(argv=None):
   p.add_argument("--cpu-devices", type=int, default=1,
                  help="also time the data-parallel KD step over this many (simulated CPU) devices")
   p.add_argument("--variants", default="",
-                 help="extra KD contestants: no_donate, bf16_teacher, breakdown (student fwd, "
+                 help="extra KD contestants: jaxlib_default (plain jax.jit instead of "
+                      "kd_jax.compile_options), cached_teacher (teacher logits read from the "
+                      "batch, kd_jax.data.teacher_cache), no_donate, bf16_teacher, breakdown (student fwd, "
                       "student fwd+bwd)")
   args = p.parse_args(argv)
   if args.quick:
