@@ -38,6 +38,10 @@ METHODS = {
     "rkd": "ce:1,rkd:1",
     "crd": "ce:1,crd:0.8",
 }
+# Extra specs selectable with --methods (not in the default matrix).
+EXTRA_METHODS = {
+    "crd_gather": "ce:1,crd:0.8(scoring=gather)",  # RepDistiller's [b, K, d] row gather
+}
 PAIRS = ("resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2")
 
 
@@ -198,7 +202,7 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
   setup = JaxSetup(teacher, student, batch, teacher_dtype=args.teacher_dtype)
   cs = {}
   for m in methods:
-    spec = METHODS.get(m, m)
+    spec = METHODS.get(m) or EXTRA_METHODS.get(m, m)
     try:
       run = setup.step_runner(spec)
       run(1)  # compile here so that an unsupported method is reported, not fatal
@@ -278,7 +282,7 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="KD, resnet32x4 -> resnet8x4, batch 64")
   p.add_argument("--pairs", default=",".join(PAIRS))
   p.add_argument("--batches", default="64,256")
-  p.add_argument("--methods", default=",".join(METHODS), help=f"of {sorted(METHODS)} or specs")
+  p.add_argument("--methods", default=",".join(METHODS), help=f"of {sorted(METHODS)}, {sorted(EXTRA_METHODS)} or specs")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="timed steps per contestant per round")
   p.add_argument("--warmup", type=int, default=2)

@@ -23,7 +23,8 @@ from kd_jax.losses._validation import check_rank
 from kd_jax.losses._validation import check_same_shape
 from kd_jax.losses._validation import check_where
 
-__all__ = ["crd", "crd_normalizers", "crd_memory_update"]
+__all__ = ["crd", "crd_from_scores", "crd_normalizers", "crd_normalizers_from_scores",
+           "crd_memory_update"]
 
 # The reference's `eps` in `ContrastLoss`.
 _NCE_EPS = 1e-7
@@ -138,8 +139,23 @@ def crd_normalizers(student_embed, teacher_embed, student_negatives, teacher_neg
   s_scores, t_scores = _both_scores(student_embed, teacher_embed, student_negatives,
                                     teacher_negatives, student_positive, teacher_positive,
                                     temperature, where)
-  return (jnp.exp(_log_normalizer(s_scores, num_data, where)),
-          jnp.exp(_log_normalizer(t_scores, num_data, where)))
+  return crd_normalizers_from_scores(s_scores, t_scores, num_data=num_data, where=where)
+
+
+def crd_normalizers_from_scores(student_scores, teacher_scores, *, num_data: int, where=None):
+  """`crd_normalizers` from the `[B, K + 1]` score matrices of `crd_from_scores`."""
+  _check_scores(student_scores, teacher_scores, where)
+  return (jnp.exp(_log_normalizer(to_float32(student_scores), num_data, where)),
+          jnp.exp(_log_normalizer(to_float32(teacher_scores), num_data, where)))
+
+
+def _check_scores(student_scores, teacher_scores, where):
+  shape = jnp.shape(student_scores)
+  if len(shape) != 2 or shape[1] < 2:
+    raise ValueError(f"scores must be [B, K + 1] with K >= 1 (positive in column 0), got "
+                     f"student_scores.shape={shape}.")
+  check_same_shape(teacher_scores, student_scores, "teacher_scores", "student_scores")
+  check_where(where, shape[:1])
 
 
 def _nce(scores, log_z, num_data):
@@ -212,6 +228,30 @@ def crd(student_embed, teacher_embed, student_negatives, teacher_negatives, *, n
   s_scores, t_scores = _both_scores(student_embed, teacher_embed, student_negatives,
                                     teacher_negatives, student_positive, teacher_positive,
                                     temperature, where)
+  return crd_from_scores(s_scores, t_scores, num_data=num_data, normalizers=normalizers,
+                         where=where)
+
+
+def crd_from_scores(student_scores, teacher_scores, *, num_data: int, normalizers=None,
+                    where=None):
+  """`crd` from precomputed scores: the NCE part alone.
+
+  For callers that score the memory bank their own way (e.g. `kd_jax.train.crd`, which computes
+  `<memory, anchor>` for the whole bank with one matrix product when that is cheaper than
+  gathering `[B, K, d]` rows).
+
+  Args:
+    student_scores: `[B, K + 1]` float, `<row, student anchor> / T` against the teacher-side
+      rows, the positive in column 0 (`crd`'s student-anchor scores). Rows masked by `where`
+      must still be finite (zero them).
+    teacher_scores: `[B, K + 1]`, the teacher anchor against the student-side rows.
+    num_data, normalizers, where: as in `crd`.
+
+  Returns:
+    float32 `[B]` per-example loss.
+  """
+  _check_scores(student_scores, teacher_scores, where)
+  s_scores, t_scores = to_float32(student_scores), to_float32(teacher_scores)
   if normalizers is None:
     log_z_s = _log_normalizer(s_scores, num_data, where)
     log_z_t = _log_normalizer(t_scores, num_data, where)

@@ -18,6 +18,11 @@ how the batch is split over devices). RepDistiller's "exact" mode draws them fro
 CLASSES' examples; excluding only the positive index differs from it by the few same-class
 negatives (about 1/num_classes of K) and is what this module does.
 
+Scoring: with N <= b * K (CIFAR: 50k examples, 64 x 16384 negatives) the term scores each anchor
+against the whole bank with one matrix product and picks the K + 1 entries (`bank_scores`)
+instead of gathering [b, K, d] rows: the same values, and on a 2-core CPU the resnet32x4 ->
+resnet8x4 CRD step at batch 64 takes 1623 ms instead of 2528 ms (KD: 1582 ms).
+
 Data parallelism: Z is estimated from the global first batch (per-device estimates combined
 with `psum`, weighted by the valid rows), and the memory update all-gathers the batch's indices,
 embeddings and mask over the batch axis before updating, so every replica holds the same banks
@@ -26,6 +31,7 @@ and the result equals the single-device step on the global batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +47,7 @@ from kd_jax.train.state import TrainState
 if TYPE_CHECKING:
   from kd_jax.train.terms import TermContext
 
-__all__ = ["CRD_KEY", "crd_embed", "crd_term", "init_crd", "sample_negatives"]
+__all__ = ["CRD_KEY", "bank_scores", "crd_embed", "crd_term", "init_crd", "sample_negatives"]
 
 CRD_KEY = "crd"
 # Mixed into the state's key so that `init_crd(state)` does not consume the training key.
@@ -123,6 +129,28 @@ def sample_negatives(key, indices, *, num_data: int, num_negatives: int) -> jax.
   return jax.vmap(one)(jnp.asarray(indices, jnp.int32))
 
 
+def bank_scores(anchor, positive, memory, negatives, *, temperature: float, where=None):
+  """`[b, K + 1]` scores `<row, anchor> / T`, rows = (positive, memory[negatives]), positive first.
+
+  The same numbers as `losses.crd` computes from gathered `[b, K, d]` rows, obtained instead as
+  one `[b, d] x [d, N]` product with the whole bank and a gather of `[b, K]` of its entries:
+  `b * N * d` multiply-adds against the gather's `b * K * d` copied floats, much cheaper when
+  `N <= b * K` (CIFAR: N = 50k, b * K = 64 * 16384 = 1M). Memory and positives carry no
+  gradient; masked rows score 0.
+  """
+  anchor = to_float32(anchor)
+  positive = jax.lax.stop_gradient(to_float32(positive))
+  memory = jax.lax.stop_gradient(to_float32(memory))
+  if where is not None:
+    anchor = jnp.where(where[:, None], anchor, 0.0)
+    positive = jnp.where(where[:, None], positive, 0.0)
+  hi = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  full = jnp.einsum("bd,nd->bn", anchor, memory, **hi)
+  neg = jnp.take_along_axis(full, negatives, axis=1)
+  pos = jnp.einsum("bd,bd->b", positive, anchor, **hi)
+  return jnp.concatenate([pos[:, None], neg], axis=1) / temperature
+
+
 def _global_normalizers(z_s, z_t, count, axis_name):
   """Valid-row-weighted mean of per-device Z estimates (Z is a mean over rows)."""
   if axis_name is None:
@@ -141,7 +169,8 @@ def _gather(tree, axis_name):
 
 def crd_term(ctx: "TermContext", feature="embedding", teacher_feature=None,
              num_negatives: int = 16384, temperature: float = 0.07, momentum: float = 0.5,
-             feat_dim: int | None = None) -> tuple[jax.Array, dict[str, Any]]:
+             feat_dim: int | None = None,
+             scoring: str = "auto") -> tuple[jax.Array, dict[str, Any]]:
   """The "crd" loss term: mean over valid rows of `losses.crd`, plus the updated CRD state.
 
   s = Embed_s(student[feature]), t = Embed_t(teacher[feature]); negatives are the memory rows at
@@ -163,6 +192,9 @@ def crd_term(ctx: "TermContext", feature="embedding", teacher_feature=None,
     temperature: T.
     momentum: the memory momentum.
     feat_dim: if given, checked against the heads' width.
+    scoring: how the memory rows are scored: "gather" (gather the `[b, K, d]` rows, as
+      RepDistiller), "bank" (`bank_scores`: one product with the whole bank) or "auto" ("bank"
+      when N <= b * K). Same values up to float32 summation order.
 
   Returns:
     (loss, {"crd": new CRD state}).
@@ -210,21 +242,36 @@ def crd_term(ctx: "TermContext", feature="embedding", teacher_feature=None,
   t = crd_embed(heads["teacher"], ft)
   neg = sample_negatives(ctx.rng, index, num_data=num_data, num_negatives=int(num_negatives))
   memory_s, memory_t = mem["memory_s"], mem["memory_t"]
-  s_neg, t_neg = memory_s[neg], memory_t[neg]
   s_pos, t_pos = memory_s[index], memory_t[index]
-  kw = dict(num_data=num_data, temperature=temperature, student_positive=s_pos,
-            teacher_positive=t_pos, where=where)
+  if scoring not in ("auto", "bank", "gather"):
+    raise ValueError(f"loss term 'crd': scoring must be 'auto', 'bank' or 'gather', got "
+                     f"{scoring!r}.")
+  if scoring == "auto":
+    scoring = "bank" if num_data <= index.shape[0] * int(num_negatives) else "gather"
+  if scoring == "bank":
+    # Student anchor against teacher rows, teacher anchor against student rows (as losses.crd).
+    scores = (bank_scores(s, t_pos, memory_t, neg, temperature=temperature, where=where),
+              bank_scores(t, s_pos, memory_s, neg, temperature=temperature, where=where))
+    normalizers_fn = functools.partial(losses.crd_normalizers_from_scores, *scores,
+                                       num_data=num_data, where=where)
+    loss_fn = functools.partial(losses.crd_from_scores, *scores, num_data=num_data,
+                                where=where)
+  else:
+    s_neg, t_neg = memory_s[neg], memory_t[neg]
+    kw = dict(num_data=num_data, temperature=temperature, student_positive=s_pos,
+              teacher_positive=t_pos, where=where)
+    normalizers_fn = functools.partial(losses.crd_normalizers, s, t, s_neg, t_neg, **kw)
+    loss_fn = functools.partial(losses.crd, s, t, s_neg, t_neg, **kw)
 
   # Estimated only while unset (the first step); the psum runs every step on two scalars.
-  z_s, z_t = jax.lax.cond(mem["z_set"], lambda: (mem["z_s"], mem["z_t"]),
-                          lambda: losses.crd_normalizers(s, t, s_neg, t_neg, **kw))
+  z_s, z_t = jax.lax.cond(mem["z_set"], lambda: (mem["z_s"], mem["z_t"]), normalizers_fn)
   count = (jnp.asarray(index.shape[0], jnp.float32) if where is None
            else jnp.sum(where.astype(jnp.float32)))
   z_s_new, z_t_new = _global_normalizers(z_s, z_t, count, ctx.axis_name)
   z_s = jnp.where(mem["z_set"], mem["z_s"], z_s_new)
   z_t = jnp.where(mem["z_set"], mem["z_t"], z_t_new)
 
-  per_example = losses.crd(s, t, s_neg, t_neg, normalizers=(z_s, z_t), **kw)
+  per_example = loss_fn(normalizers=(z_s, z_t))
   value = jnp.sum(per_example) / masked_count(where, index.shape[0])
 
   g_index, g_s, g_t, g_where = _gather((index, s, t, where), ctx.axis_name)

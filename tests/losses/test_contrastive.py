@@ -181,3 +181,27 @@ def test_shape_errors_name_both_shapes():
     losses.crd(e, e, n, n, num_data=N, student_positive=jnp.ones((3, 8)))
   with pytest.raises(ValueError, match=r"\(4, 3\).*\(10, 8\)"):
     losses.crd_memory_update(jnp.ones((10, 8)), jnp.ones((4, 3)), jnp.arange(4))
+
+
+def test_crd_from_scores_equals_crd_on_the_same_scores():
+  rng = np.random.default_rng(7)
+  b, k, d = 5, 6, 4
+  s_emb, t_emb = rng.normal(size=(2, b, d)).astype(np.float32)
+  s_neg, t_neg = rng.normal(size=(2, b, k, d)).astype(np.float32)
+  where = np.arange(b) != 1
+
+  def scores(anchor, positive, negatives):
+    rows = np.concatenate([positive[:, None], negatives], 1).astype(np.float64)
+    out = np.einsum("bkd,bd->bk", rows, anchor.astype(np.float64)) / T
+    out[~where] = 0.0
+    return out.astype(np.float32)
+
+  s_scores, t_scores = scores(s_emb, t_emb, t_neg), scores(t_emb, s_emb, s_neg)
+  np.testing.assert_allclose(
+      losses.crd_from_scores(s_scores, t_scores, num_data=N, where=where),
+      _crd(s_emb, t_emb, s_neg, t_neg, where=where), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      losses.crd_normalizers_from_scores(s_scores, t_scores, num_data=N, where=where),
+      _norms(s_emb, t_emb, s_neg, t_neg, where=where), rtol=1e-5)
+  with pytest.raises(ValueError, match="K \\+ 1"):
+    losses.crd_from_scores(s_scores[:, :1], t_scores[:, :1], num_data=N)

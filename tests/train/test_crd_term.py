@@ -49,10 +49,12 @@ def _np_momentum(memory, embeds, index, where, m=0.5):
   return out
 
 
-def test_term_value_memory_update_and_fixed_normalizers():
+@pytest.mark.parametrize("scoring", ["bank", "gather"])
+def test_term_value_memory_update_and_fixed_normalizers(scoring):
   teacher, t_graph, t_vars, state, batches = _setup()
   batch = dict(batches[0], mask=np.arange(B) != 3)  # row 3 is padding
-  step = jax.jit(make_train_step(LOSS, teacher_graphdef=t_graph, axis_name=None))
+  loss = LOSS.replace(")", f",scoring={scoring})")
+  step = jax.jit(make_train_step(loss, teacher_graphdef=t_graph, axis_name=None))
   new_state, metrics = step(state, batch, t_vars)
 
   # Independent quantities: heads in float64, the step's negatives (its key), old memory rows.
@@ -164,3 +166,25 @@ def test_shard_map_pmap_and_single_device_hold_the_same_bank():
   for k in ("loss", "loss/ce", "loss/crd"):
     np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5)
     np.testing.assert_allclose(m3[k], m1[k], rtol=2e-5)
+
+
+def test_bank_scores_equal_gathered_rows_and_their_gradient():
+  rng = np.random.default_rng(5)
+  n, b, k, d = 40, 6, 9, 5
+  memory = rng.normal(size=(n, d)).astype(np.float32)
+  anchor = rng.normal(size=(b, d)).astype(np.float32)
+  positive = rng.normal(size=(b, d)).astype(np.float32)
+  neg = rng.integers(0, n, size=(b, k)).astype(np.int32)
+  where = np.arange(b) != 2
+  rows = np.concatenate([positive[:, None], memory[neg]], 1).astype(np.float64)
+  expected = np.einsum("bkd,bd->bk", rows, anchor.astype(np.float64)) / 0.07
+  expected[~where] = 0.0
+  got = crd_lib.bank_scores(anchor, positive, memory, neg, temperature=0.07, where=where)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # d/d anchor of sum(c * scores) = sum_k c_bk rows_bk / T (zero in the masked row).
+  c = rng.normal(size=(b, k + 1))
+  grad = jax.grad(lambda a: (crd_lib.bank_scores(a, positive, memory, neg, temperature=0.07,
+                                                 where=where) * c).sum())(anchor)
+  expected_grad = np.einsum("bk,bkd->bd", c, rows) / 0.07
+  expected_grad[~where] = 0.0
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)
