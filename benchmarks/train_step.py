@@ -79,24 +79,10 @@ class JaxSetup:
     return self.state_lib.TrainState.create(self._student(), self.tx,
                                             rng=self.jax.random.key(0))
 
-  def step_runner(self, loss: str | None, donate: bool = True, library_options: bool = True):
-    """`run(n) -> seconds per step` for the library step with `loss` (None: student-only CE).
-
-    `library_options=False` compiles with plain `jax.jit` (jaxlib's default XLA:CPU options)
-    instead of `kd_jax.compile_options.jit`, the way the library's train loop compiles.
-    """
+  def _stepping(self, jitted, state, batch, *args):
+    """`run(n)` for `jitted(state, batch, *args) -> (state, metrics)`, the state carried over
+    (and donated) from call to call."""
     jax = self.jax
-    if loss is None:
-      fn = self.step_lib.make_train_step("ce:1", axis_name=None)
-      args = ()
-    else:
-      fn = self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef, axis_name=None)
-      args = (self.t_vars,)
-    jit = self.jit if library_options else jax.jit
-    jitted = jit(fn, donate_argnums=(0,) if donate else ())
-    state, batch = self.fresh_state(), self.batch
-    if loss is not None and "crd" in loss:
-      state, batch = self._with_crd(state, batch)
     box = {"state": state}
 
     def one():
@@ -105,21 +91,32 @@ class JaxSetup:
 
     return lambda n: _timing.time_steps(one, n)
 
-  def cached_teacher_runner(self, loss: str):
-    """`run(n)` for the step that reads the teacher's logits from the batch (a teacher-output
-    cache, `make_train_step(..., cached_teacher="teacher_")`): the teacher ran once, beforehand."""
+  def step_runner(self, loss: str | None, donate: bool = True, library_options: bool = True,
+                  cached_teacher: bool = False):
+    """`run(n) -> seconds per step` for the library step with `loss` (None: student-only CE).
+
+    `library_options=False` compiles with plain `jax.jit` (jaxlib's default XLA:CPU options)
+    instead of `kd_jax.compile_options.jit`, the way the library's train loop compiles.
+    `cached_teacher=True` times the step that reads the teacher's logits from the batch (a
+    teacher-output cache, `make_train_step(..., cached_teacher="teacher_")`): the teacher ran
+    once, beforehand.
+    """
     jax = self.jax
-    out = self.jax.jit(lambda v, x: self.step_lib.teacher_outputs(self.t_graphdef, v, x).logits)
-    batch = {**self.batch, "teacher_logits": out(self.t_vars, self.batch["image"])}
-    fn = self.step_lib.make_train_step(loss, cached_teacher="teacher_", axis_name=None)
-    jitted = self.jit(fn, donate_argnums=(0,))
-    box = {"state": self.fresh_state()}
-
-    def one():
-      box["state"], metrics = jitted(box["state"], batch)
-      jax.block_until_ready((box["state"], metrics))
-
-    return lambda n: _timing.time_steps(one, n)
+    state, batch = self.fresh_state(), self.batch
+    args = ()
+    if loss is None:
+      fn = self.step_lib.make_train_step("ce:1", axis_name=None)
+    elif cached_teacher:
+      fn = self.step_lib.make_train_step(loss, cached_teacher="teacher_", axis_name=None)
+      logits = jax.jit(lambda v, x: self.step_lib.teacher_outputs(self.t_graphdef, v, x).logits)
+      batch = {**batch, "teacher_logits": logits(self.t_vars, batch["image"])}
+    else:
+      fn = self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef, axis_name=None)
+      args = (self.t_vars,)
+    if loss is not None and "crd" in loss:
+      state, batch = self._with_crd(state, batch)
+    jit = self.jit if library_options else jax.jit
+    return self._stepping(jit(fn, donate_argnums=(0,) if donate else ()), state, batch, *args)
 
   def _with_crd(self, state, batch, num_data: int = 50_000):
     """CRD's heads and memory banks in the state (`init_crd`, CIFAR-100's 50k examples), and
@@ -147,13 +144,7 @@ class JaxSetup:
         self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef), mesh)
     batch = parallel.shard_batch(jax.tree.map(lambda x: jax.device_get(x), self.batch), mesh)
     t_vars = parallel.replicate(self.t_vars, mesh)
-    box = {"state": parallel.replicate(self.fresh_state(), mesh)}
-
-    def one():
-      box["state"], metrics = fn(box["state"], batch, t_vars)
-      jax.block_until_ready((box["state"], metrics))
-
-    return lambda n: _timing.time_steps(one, n)
+    return self._stepping(fn, parallel.replicate(self.fresh_state(), mesh), batch, t_vars)
 
   def teacher_runner(self):
     """`run(n)` for the teacher forward alone (inference mode, logits + pre_pool features)."""
@@ -216,7 +207,7 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
     cs[name] = _timing.Contestant(name, setup.step_runner(METHODS["kd"], library_options=False))
   if "cached_teacher" in variants:
     name = "kd_jax kd (cached teacher)"
-    cs[name] = _timing.Contestant(name, setup.cached_teacher_runner(METHODS["kd"]))
+    cs[name] = _timing.Contestant(name, setup.step_runner(METHODS["kd"], cached_teacher=True))
   if "no_donate" in variants:
     cs["kd_jax kd (no donation)"] = _timing.Contestant(
         "kd_jax kd (no donation)", setup.step_runner(METHODS["kd"], donate=False))
