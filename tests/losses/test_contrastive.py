@@ -183,25 +183,34 @@ def test_shape_errors_name_both_shapes():
     losses.crd_memory_update(jnp.ones((10, 8)), jnp.ones((4, 3)), jnp.arange(4))
 
 
-def test_crd_from_scores_equals_crd_on_the_same_scores():
+def test_crd_from_scores_matches_repdistiller_nce_on_given_scores():
+  """The NCE part alone, against RepDistiller's ContrastLoss restated per row in float64."""
   rng = np.random.default_rng(7)
-  b, k, d = 5, 6, 4
-  s_emb, t_emb = rng.normal(size=(2, b, d)).astype(np.float32)
-  s_neg, t_neg = rng.normal(size=(2, b, k, d)).astype(np.float32)
+  b, k = 5, 6
+  s_scores, t_scores = (rng.normal(size=(2, b, k + 1)) * 3).astype(np.float32)
   where = np.arange(b) != 1
+  s_scores[~where] = t_scores[~where] = 0.0  # masked rows must be finite
 
-  def scores(anchor, positive, negatives):
-    rows = np.concatenate([positive[:, None], negatives], 1).astype(np.float64)
-    out = np.einsum("bkd,bd->bk", rows, anchor.astype(np.float64)) / T
-    out[~where] = 0.0
-    return out.astype(np.float32)
+  pn = k / N
+  x_s, x_t = (np.exp(x[where].astype(np.float64)) for x in (s_scores, t_scores))
 
-  s_scores, t_scores = scores(s_emb, t_emb, t_neg), scores(t_emb, s_emb, s_neg)
-  np.testing.assert_allclose(
-      losses.crd_from_scores(s_scores, t_scores, num_data=N, where=where),
-      _crd(s_emb, t_emb, s_neg, t_neg, where=where), rtol=1e-5, atol=1e-5)
+  def nce(p):  # per row, p = exp(score) / Z, positive in column 0
+    return -(np.log(p[:, 0] / (p[:, 0] + pn + 1e-7))
+             + np.log(pn / (p[:, 1:] + pn + 1e-7)).sum(axis=1))
+
+  z_s, z_t = x_s.mean() * N, x_t.mean() * N  # RepDistiller's first-step Z over the valid rows
+  expected = np.zeros(b)
+  expected[where] = nce(x_s / z_s) + nce(x_t / z_t)
+  np.testing.assert_allclose(losses.crd_from_scores(s_scores, t_scores, num_data=N, where=where),
+                             expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
       losses.crd_normalizers_from_scores(s_scores, t_scores, num_data=N, where=where),
-      _norms(s_emb, t_emb, s_neg, t_neg, where=where), rtol=1e-5)
+      (z_s, z_t), rtol=1e-5)
+  # Given (fixed) normalisers are used as they are.
+  z_fixed = (2.0 * z_s, 0.5 * z_t)
+  np.testing.assert_allclose(
+      losses.crd_from_scores(s_scores, t_scores, num_data=N, normalizers=z_fixed,
+                             where=where)[where],
+      nce(x_s / z_fixed[0]) + nce(x_t / z_fixed[1]), rtol=1e-5)
   with pytest.raises(ValueError, match="K \\+ 1"):
     losses.crd_from_scores(s_scores[:, :1], t_scores[:, :1], num_data=N)
