@@ -83,6 +83,22 @@ def linear(in_features: int, out_features: int, *, bias: bool = True, dtype=None
                     param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
 
 
+def relu(x):
+  """ReLU, max(x, 0), written as `where(x <= 0, 0, x)` (NaN still propagates, gradient 0 at 0,
+  as `jax.nn.relu`).
+
+  Why not `jnp.maximum(x, 0)`: XLA duplicates an "effectively unary" producer such as
+  `maximum(x, 0)`, and with it the residual sum `bn2(conv2) + shortcut` that feeds it, into every
+  consumer. One consumer is the transposed copy XLA:CPU makes of each convolution's input for the
+  filter gradient ([N,H,W,C] -> [C,H,W,N]); recomputing two strided inputs there costs 5-10x a
+  plain transpose (38 ms vs 3-8 ms for one CIFAR stage-1 activation, batch 64). A select on a
+  compare has two full-size operands, so XLA materialises it once and the transpose reads it:
+  the resnet8x4 train step is 9% faster, the resnet32x4 -> resnet8x4 KD step 7%
+  (docs/performance.md, B15). Same values and gradients as `jax.nn.relu`.
+  """
+  return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+
+
 def global_avg_pool(x):
   """Mean over the spatial axes of an NHWC map -> [B, C] (RepDistiller's final avg-pool + view)."""
   return jnp.mean(x, axis=(1, 2))

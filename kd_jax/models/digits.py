@@ -7,7 +7,6 @@ convolutional stage maps; `mlp_digits` is a plain two-hidden-layer perceptron.
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from kd_jax.models import _layers as L
@@ -36,11 +35,11 @@ class DigitsCNN(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    stem = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    stem = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     pre1 = self.bn2(self.conv2(stem), use_running_average=ura)
-    s1 = jax.nn.relu(pre1)
+    s1 = L.relu(pre1)
     pre2 = self.bn3(self.conv3(s1), use_running_average=ura)
-    s2 = jax.nn.relu(pre2)
+    s2 = L.relu(pre2)
     emb = L.global_avg_pool(s2)
     logits = self.fc(emb).astype("float32")
     feats = {"stem": stem, "stage1": s1, "stage2": s2, "preact_stage1": pre1,
@@ -70,9 +69,9 @@ class DigitsMLP(nnx.Module):
       raise ValueError(f"mlp_digits expects {self.in_features} input values per example, "
                        f"got input of shape {x.shape}")
     pre0 = self.fc1(x)
-    stem = jax.nn.relu(pre0)
+    stem = L.relu(pre0)
     pre1 = self.fc2(stem)
-    s1 = jax.nn.relu(pre1)
+    s1 = L.relu(pre1)
     logits = self.fc3(s1).astype("float32")
     feats = {"stem": stem, "stage1": s1, "preact_stage1": pre1, "pre_pool": s1, "embedding": s1}
     return logits, feats

@@ -14,7 +14,6 @@ Features: "stem" (stride 2), "stage1".."stage4" (strides 4, 8, 16, 32: after blo
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from kd_jax.models import _layers as L
@@ -34,7 +33,7 @@ class DepthwiseSeparable(nnx.Module):
     self.pw = ConvBN(inp, oup, 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, ura: bool):
-    return jax.nn.relu(self.pw(jax.nn.relu(self.dw(x, ura)), ura))
+    return L.relu(self.pw(L.relu(self.dw(x, ura)), ura))
 
 
 class MobileNetV1(nnx.Module):
@@ -58,7 +57,7 @@ class MobileNetV1(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    x = jax.nn.relu(self.conv1(x, ura))
+    x = L.relu(self.conv1(x, ura))
     feats = {"stem": x}
     for i, block in enumerate(self.blocks):
       x = block(x, ura)

@@ -34,8 +34,8 @@ class InvertedResidual(nnx.Module):
     ])
 
   def __call__(self, x, ura: bool):
-    out = jax.nn.relu(self.conv[0](x, ura))
-    out = jax.nn.relu(self.conv[1](out, ura))
+    out = L.relu(self.conv[0](x, ura))
+    out = L.relu(self.conv[1](out, ura))
     out = self.conv[2](out, ura)
     return x + out if self.use_res_connect else out
 
@@ -73,7 +73,7 @@ class MobileNetV2(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    x = jax.nn.relu(self.conv1(x, ura))
+    x = L.relu(self.conv1(x, ura))
     feats = {"stem": x}
     stage_after = {1: "stage1", 2: "stage2", 4: "stage3", 6: "stage4"}
     for i, group in enumerate(self.blocks):
@@ -82,7 +82,7 @@ class MobileNetV2(nnx.Module):
       if i in stage_after:
         feats[stage_after[i]] = x
     feats["pre_pool"] = x
-    x = jax.nn.relu(self.conv2(x, ura))
+    x = L.relu(self.conv2(x, ura))
     feats["embedding"] = emb = L.global_avg_pool(x)
     return self.classifier(emb).astype("float32"), feats
 

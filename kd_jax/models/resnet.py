@@ -12,7 +12,6 @@ Attribute names follow the PyTorch modules (`layer1[0].downsample[0]`, ...), so 
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from kd_jax.models import _layers as L
@@ -34,12 +33,12 @@ class BasicBlock(nnx.Module):
       self.downsample = None
 
   def __call__(self, x, ura: bool):
-    out = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    out = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     out = self.bn2(self.conv2(out), use_running_average=ura)
     if self.downsample is not None:
       x = self.downsample[1](self.downsample[0](x), use_running_average=ura)
     preact = out + x
-    return jax.nn.relu(preact), preact
+    return L.relu(preact), preact
 
 
 class Bottleneck(nnx.Module):
@@ -62,13 +61,13 @@ class Bottleneck(nnx.Module):
       self.shortcut = None
 
   def __call__(self, x, ura: bool):
-    out = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-    out = jax.nn.relu(self.bn2(self.conv2(out), use_running_average=ura))
+    out = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    out = L.relu(self.bn2(self.conv2(out), use_running_average=ura))
     out = self.bn3(self.conv3(out), use_running_average=ura)
     if self.shortcut is not None:
       x = self.shortcut[1](self.shortcut[0](x), use_running_average=ura)
     preact = out + x
-    return jax.nn.relu(preact), preact
+    return L.relu(preact), preact
 
 
 def _run_stage(blocks, x, ura):
@@ -107,7 +106,7 @@ class CifarResNet(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    x = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     feats = {"stem": x}
     for k, layer in enumerate((self.layer1, self.layer2, self.layer3), start=1):
       x, pre = _run_stage(layer, x, ura)
@@ -143,7 +142,7 @@ class ResNetV2(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    x = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     feats = {"stem": x}
     for k, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
       x, pre = _run_stage(layer, x, ura)

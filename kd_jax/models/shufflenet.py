@@ -13,7 +13,6 @@ stride-2 DownBlock followed by [3, 7, 3] split/shuffle BasicBlocks to 116/232/46
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -37,15 +36,15 @@ class V1Bottleneck(nnx.Module):
     self.bn3 = L.batch_norm(out_planes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, ura: bool):
-    out = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    out = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     out = L.channel_shuffle(out, self.g1)
-    out = jax.nn.relu(self.bn2(self.conv2(out), use_running_average=ura))
+    out = L.relu(self.bn2(self.conv2(out), use_running_average=ura))
     out = self.bn3(self.conv3(out), use_running_average=ura)
     if self.stride == 2:
       preact = jnp.concatenate([out, L.avg_pool(x, 3, 2, 1)], axis=-1)
     else:
       preact = out + x
-    return jax.nn.relu(preact), preact
+    return L.relu(preact), preact
 
 
 class ShuffleNetV1(nnx.Module):
@@ -75,7 +74,7 @@ class ShuffleNetV1(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    x = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     feats = {"stem": x}
     for k, layer in enumerate((self.layer1, self.layer2, self.layer3), start=1):
       for block in layer:
@@ -101,10 +100,10 @@ class V2BasicBlock(nnx.Module):
 
   def __call__(self, x, ura: bool):
     x1, x2 = x[..., :self.split], x[..., self.split:]
-    out = jax.nn.relu(self.bn1(self.conv1(x2), use_running_average=ura))
+    out = L.relu(self.bn1(self.conv1(x2), use_running_average=ura))
     out = self.bn2(self.conv2(out), use_running_average=ura)
     pre = self.bn3(self.conv3(out), use_running_average=ura)
-    out = L.channel_shuffle(jnp.concatenate([x1, jax.nn.relu(pre)], axis=-1), 2)
+    out = L.channel_shuffle(jnp.concatenate([x1, L.relu(pre)], axis=-1), 2)
     # As RepDistiller: the preact map is the concat before the shuffle.
     return out, jnp.concatenate([x1, pre], axis=-1)
 
@@ -127,10 +126,10 @@ class V2DownBlock(nnx.Module):
 
   def __call__(self, x, ura: bool):
     left = self.bn1(self.conv1(x), use_running_average=ura)
-    left = jax.nn.relu(self.bn2(self.conv2(left), use_running_average=ura))
-    right = jax.nn.relu(self.bn3(self.conv3(x), use_running_average=ura))
+    left = L.relu(self.bn2(self.conv2(left), use_running_average=ura))
+    right = L.relu(self.bn3(self.conv3(x), use_running_average=ura))
     right = self.bn4(self.conv4(right), use_running_average=ura)
-    right = jax.nn.relu(self.bn5(self.conv5(right), use_running_average=ura))
+    right = L.relu(self.bn5(self.conv5(right), use_running_average=ura))
     return L.channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
 
@@ -161,7 +160,7 @@ class ShuffleNetV2(nnx.Module):
   def __call__(self, x, *, train: bool):
     ura = not train
     x = L.to_compute(x, self.dtype)
-    x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    x = L.relu(self.bn1(self.conv1(x), use_running_average=ura))
     feats = {"stem": x}
     for k, layer in enumerate((self.layer1, self.layer2, self.layer3), start=1):
       x = layer[0](x, ura)
@@ -170,7 +169,7 @@ class ShuffleNetV2(nnx.Module):
         x, pre = block(x, ura)
       feats[f"stage{k}"], feats[f"preact_stage{k}"] = x, pre
     feats["pre_pool"] = x
-    x = jax.nn.relu(self.bn2(self.conv2(x), use_running_average=ura))
+    x = L.relu(self.bn2(self.conv2(x), use_running_average=ura))
     feats["embedding"] = emb = L.global_avg_pool(x)
     return self.linear(emb).astype("float32"), feats
 

@@ -64,7 +64,7 @@ class VGG(nnx.Module):
     """Runs conv-BN-ReLU ... conv-BN; returns the pre-ReLU output."""
     for i, layer in enumerate(layers):
       if i > 0:
-        x = jax.nn.relu(x)
+        x = L.relu(x)
       x = layer(x, ura)
     return x
 
@@ -72,12 +72,12 @@ class VGG(nnx.Module):
     ura = not train
     x = L.to_compute(x, self.dtype)
     h = x.shape[1]
-    x = jax.nn.relu(self._block(self.block0, x, ura))
+    x = L.relu(self._block(self.block0, x, ura))
     feats = {"stem": x}
     x = L.max_pool(x, 2, 2)
     for k, block in enumerate((self.block1, self.block2, self.block3, self.block4), start=1):
       pre = self._block(block, x, ura)
-      x = jax.nn.relu(pre)
+      x = L.relu(pre)
       feats[f"stage{k}"], feats[f"preact_stage{k}"] = x, pre
       if k < 3 or (k == 3 and h == 64):
         x = L.max_pool(x, 2, 2)

@@ -11,7 +11,6 @@ Attribute names follow the PyTorch modules (`block1.layer[0].bn1`, `conv_shortcu
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from kd_jax.models import _layers as L
@@ -34,8 +33,8 @@ class WideBlock(nnx.Module):
 
   def __call__(self, x, train: bool):
     bn_x = self.bn1(x, use_running_average=not train)
-    act = jax.nn.relu(bn_x)
-    out = jax.nn.relu(self.bn2(self.conv1(act), use_running_average=not train))
+    act = L.relu(bn_x)
+    out = L.relu(self.bn2(self.conv1(act), use_running_average=not train))
     if self.dropout is not None:
       out = self.dropout(out, deterministic=not train)
     out = self.conv2(out)
@@ -96,7 +95,7 @@ class WideResNet(nnx.Module):
     s2, pre1 = self.block2(s1, train)
     s3, pre2 = self.block3(s2, train)
     pre3 = self.bn1(s3, use_running_average=not train)
-    emb = L.global_avg_pool(jax.nn.relu(pre3))
+    emb = L.global_avg_pool(L.relu(pre3))
     feats = {"stem": s0, "stage1": s1, "stage2": s2, "stage3": s3, "preact_stage1": pre1,
              "preact_stage2": pre2, "preact_stage3": pre3, "pre_pool": s3, "embedding": emb}
     return self.fc(emb).astype("float32"), feats
