@@ -57,6 +57,7 @@ def test_nnx_conv_uses_it_and_trains_like_xla():
   for k, p in ((3, 1), (1, 0)):
     conv = L.conv2d(8, 16, k, 2, p, rngs=nnx.Rngs(0))
     assert conv.conv_general_dilated is _conv.conv_general_dilated
+    assert "custom_vjp" in str(jax.make_jaxpr(conv)(x))  # the polyphase path, not a fallback
     graphdef, params = nnx.split(conv)
     kernel = conv.kernel[...]
 
