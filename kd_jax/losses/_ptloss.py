@@ -63,9 +63,11 @@ def _horner(coefficients, u):
 
 def _derivative_coefficients(eps):
   """Coefficients of P'(u) and P''(u) in powers of u, for P(u) = sum_{m=1}^M eps_m u^m."""
-  m = jnp.arange(1, eps.shape[-1] + 1, dtype=jnp.float32)
+  # numpy constants, not jnp.arange: XLA folds `eps * m` for a constant eps only when m is a
+  # literal (an iota left five [K, 1] kernels in every PTLoss step).
+  m = np.arange(1, eps.shape[-1] + 1, dtype=np.float32)
   d1 = eps * m  # P'(u) = sum_{j>=0} (j+1) eps_{j+1} u^j
-  d2 = (eps * m * (m - 1))[:, 1:]  # P''(u) = sum_{j>=0} (j+2)(j+1) eps_{j+2} u^j
+  d2 = (eps * (m * (m - 1)))[:, 1:]  # P''(u) = sum_{j>=0} (j+2)(j+1) eps_{j+2} u^j
   return d1, d2
 
 
@@ -158,25 +160,17 @@ def _ptloss(student_logits, teacher_logits, epsilon, temperature, where, *, seri
   return nm.apply_where(loss, where)
 
 
-def _log_softmax_and_softmax(z):
-  """(log softmax, softmax) of z along the last axis from one exp: p = e / sum(e), not exp(log p)."""
-  shifted = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-  e = jnp.exp(shifted)
-  total = jnp.sum(e, axis=-1, keepdims=True)
-  return shifted - jnp.log(total), e / total
-
-
 def _exact_parts(s, t, eps):
   """Shared by the value and its derivative: p^t, p^s, u = 1 - p^s, per-class terms a, loss."""
-  # Two exponentials instead of four (B = 4096, K = 100: value+grad 1.46x -> 1.21x KD's time).
-  log_pt, pt = _log_softmax_and_softmax(t)
-  log_ps, ps = _log_softmax_and_softmax(s)
+  # One exp per softmax, and the sums as `row_sum` (a GEMV on CPU: value+grad at B = 256,
+  # K = 100 0.6x the time of `jnp.sum` reductions; benchmarks/ptloss_selection.py).
+  pt, lse_t = nm.softmax_and_logsumexp(t)
+  ps, lse_s = nm.softmax_and_logsumexp(s)
   u = 1.0 - ps
-  # KL(p^t || p^s) + sum_m eps_m u^m, with the polynomial as u * (eps_1 + u * (eps_2 + ...)).
-  # This is `kl_from_logits` fused with the perturbation (finite logits make log p^t finite,
-  # so p^t = 0 gives exactly 0).
-  a = log_pt - log_ps + u * _horner(eps, u)
-  return pt, ps, u, a, jnp.sum(pt * a, axis=-1)
+  # KL(p^t || p^s) + sum_m eps_m u^m, with log p^t - log p^s = (t - s) - (lse_t - lse_s) and the
+  # polynomial as u * (eps_1 + u * (eps_2 + ...)): `kl_from_logits` fused with the perturbation.
+  a = (t - s) - (lse_t - lse_s) + u * _horner(eps, u)
+  return pt, ps, u, a, nm.row_sum(pt * a)
 
 
 @jax.custom_jvp
@@ -193,10 +187,9 @@ def _exact_ptloss_jvp(primals, tangents):
   # Closed-form derivatives (METHODS.md 1.4): dL/ds_j = S p^s_j - p~_j with
   # p~_k = p^t_k (1 + p^s_k P_k'(u_k)), S = sum_k p~_k; dL/dt_j = p^t_j (a_j - L);
   # dL/deps_{k,m} = p^t_k u_k^m. Plain autodiff through the Horner polynomial made value+grad
-  # about 2-3x KD's cost on CPU; this rule brings it to about 1.5x (benchmarks/ptloss_selection.py)
-  # and, being a JVP, still supports forward mode and higher derivatives. Measured again in session
-  # 2 (benchmarks/ptloss_selection.py): 1.2-1.3x KD at B = 4096, 1.5x at B = 256 where per-kernel
-  # overhead dominates; inside a train step the two cost the same (benchmarks/README.md).
+  # about 2-3x KD's cost on CPU; with this rule and `row_sum` PTLoss costs 1.0-1.3x KD
+  # (benchmarks/ptloss_selection.py), and, being a JVP, it still supports forward mode and higher
+  # derivatives. Inside a train step the two cost the same (benchmarks/README.md).
   s, t, eps = primals
   ds, dt, deps = tangents
   pt, ps, u, a, loss = _exact_parts(s, t, eps)
@@ -204,12 +197,12 @@ def _exact_ptloss_jvp(primals, tangents):
   tilde = pt * (1.0 + ps * _horner(d1, u))
   terms = []  # Symbolic zeros skip the work for arguments nobody differentiates.
   if not _is_zero(ds):
-    terms.append((jnp.sum(tilde, axis=-1, keepdims=True) * ps - tilde) * ds)
+    terms.append((nm.row_sum(tilde)[..., None] * ps - tilde) * ds)
   if not _is_zero(dt):
     terms.append(pt * (a - loss[..., None]) * dt)
   if not _is_zero(deps):  # sum_m deps_m u^m by Horner on the tangent's coefficients.
     terms.append(pt * u * _horner(jnp.broadcast_to(deps, eps.shape), u))
-  return loss, jnp.sum(sum(terms[1:], terms[0]), axis=-1)
+  return loss, nm.row_sum(sum(terms[1:], terms[0]))
 
 
 _exact_ptloss.defjvp(_exact_ptloss_jvp, symbolic_zeros=True)
