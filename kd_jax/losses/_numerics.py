@@ -79,7 +79,9 @@ def row_sum(x):
   `Precision.HIGHEST` (a float32 accumulation, like `jnp.sum`). Off CPU it is `jnp.sum`.
   """
   def as_dot(x):
-    return jnp.matmul(x, jnp.ones(x.shape[-1:], x.dtype), precision=lax.Precision.HIGHEST)
+    total = jnp.matmul(x, jnp.ones(x.shape[-1:], x.dtype), precision=lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+    return total.astype(x.dtype)  # accumulated in at least float32, returned as jnp.sum would
 
   return lax.platform_dependent(x, cpu=as_dot, default=lambda x: jnp.sum(x, axis=-1))
 

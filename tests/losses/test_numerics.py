@@ -103,3 +103,12 @@ def test_kl_from_logits_gradient_is_softmax_difference():
       jnp.asarray(s, jnp.float32))
   np.testing.assert_allclose(g, np.exp(_np_log_softmax(s)) - np.exp(_np_log_softmax(t)),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_row_sum_of_bfloat16_accumulates_in_float32():
+  # 4096 ones: the sum is exactly representable in bfloat16, but a bfloat16 running sum stalls
+  # at 256 (its spacing there is 2, and 256 + 1 rounds back to 256).
+  x = jnp.ones((2, 4096), jnp.bfloat16)
+  got = nm.row_sum(x)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), [4096.0, 4096.0])
