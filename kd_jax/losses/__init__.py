@@ -1,11 +1,26 @@
 """Pure, jit-compiled distillation losses.
 
-Conventions (as optax): student before teacher, hyperparameters keyword-only, classes on the last
-axis, a boolean `where=` mask instead of dynamic shapes. Per-example losses return `[batch]`;
-batch-relational losses (SP, RKD, ReFilled stage 1, ...) return a scalar.
+The contract every loss here keeps:
+
+- Shapes: student before teacher, hyperparameters keyword-only, classes on the last axis (as
+  optax). Per-example losses return `[batch]` and the caller reduces; batch-relational losses
+  (`sp`, `rkd`, `pkt`, `cc`, `refilled_relationship`) return a scalar.
+- Masks, not dynamic shapes: a boolean `where=` row mask excludes padded rows from every sum and
+  every normaliser (`max(count, 1)`); an all-False mask gives 0 with zero gradients.
+- Gradients: a loss never stops the gradient of its inputs. Freezing the teacher is the train
+  step's job: `kd_jax.train.make_train_step` applies `jax.lax.stop_gradient` to the teacher's
+  outputs once, so each loss stays a plain differentiable function of both arguments (test a
+  loss's teacher gradient as you would any other). The only constants inside a loss are the ones
+  its method defines as constants: CRD's memory-bank rows and its NCE normalisers (`crd`).
+- Devices: a batch-relational loss takes `axis_name=None`; inside `jax.shard_map` or `jax.pmap`
+  it all-gathers its rows and mask over that axis first (`gather_batch`), so its [b, b]
+  structure covers the global batch.
+- Numerics: float32 arithmetic under bfloat16 inputs; finite values and gradients for logits up
+  to +-1e4, zero feature rows and all-False masks.
 """
 
 # Each family lives in its own private module and declares its public names in `__all__`.
+from kd_jax.losses._batch import *  # noqa: F401,F403
 from kd_jax.losses._contrastive import *  # noqa: F401,F403
 from kd_jax.losses._feature import *  # noqa: F401,F403
 from kd_jax.losses._logit import *  # noqa: F401,F403

@@ -4,8 +4,8 @@ Every loss here is per example: it returns [b] (masked rows exactly 0) and the c
 the plain batch mean equals the RepDistiller value. Feature maps are NHWC (channels last), as Flax
 convolutions produce them; RepDistiller's are NCHW, so "mean over channels" there (axis 1) is the
 last axis here. Student and teacher may be single arrays or equally long lists of layer pairs,
-whose per-pair losses are summed (RepDistiller's `sum(loss_group)`). The teacher side is under
-`stop_gradient`.
+whose per-pair losses are summed (RepDistiller's `sum(loss_group)`). They never stop gradients:
+the train step applies `stop_gradient` to the teacher's outputs once.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def fitnet(student_features, teacher_features, *, where=None):
     check_same_shape(s, t, "student_features", "teacher_features")
     check_where(where, jnp.shape(s)[:1])
     s = _prepare(s, where)
-    t = jax.lax.stop_gradient(_prepare(t, where))
+    t = _prepare(t, where)
     diff = jnp.reshape(s - t, (s.shape[0], -1))
     total = total + jnp.mean(jnp.square(diff), axis=-1)
   return apply_where(total, where)
@@ -134,7 +134,7 @@ def attention_transfer(student_features, teacher_features, *, p: int = 2, where=
     _check_maps(s, t, 3)
     check_where(where, jnp.shape(s)[:1])
     at_s = _attention_map(_prepare(s, where), p)
-    at_t = jax.lax.stop_gradient(_attention_map(_prepare(t, where), p))
+    at_t = _attention_map(_prepare(t, where), p)
     total = total + jnp.mean(jnp.square(at_s - at_t), axis=-1)
   return apply_where(total, where)
 
@@ -176,7 +176,7 @@ def nst(student_features, teacher_features, *, where=None):
     _check_maps(s, t, 3)
     check_where(where, jnp.shape(s)[:1])
     s = _prepare(s, where)
-    t = jax.lax.stop_gradient(_prepare(t, where))
+    t = _prepare(t, where)
     # [b, X, C], each channel l2-normalised over the X spatial positions.
     s = l2_normalize(jnp.reshape(s, (s.shape[0], -1, s.shape[-1])), axis=1)
     t = l2_normalize(jnp.reshape(t, (t.shape[0], -1, t.shape[-1])), axis=1)

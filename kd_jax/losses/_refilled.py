@@ -14,7 +14,9 @@ teacher's embedding-induced nearest-centre classifier over the classes present i
 
 Every data-dependent set of the reference code (mined triplets, (anchor, positive) groups,
 classes present in a batch) is a boolean mask over a static shape here, with normalisers
-max(count, 1), so the losses jit, vmap and run per device inside a data-parallel step.
+max(count, 1), so the losses jit, vmap and run per device inside a data-parallel step. They never
+stop gradients (the train step applies `stop_gradient` to the teacher's outputs once); only the
+triplet mining compares values, which carries no gradient.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 
 from kd_jax.losses import _numerics as nm
 from kd_jax.losses import _validation as val
+from kd_jax.losses._batch import gather_batch
 
 __all__ = [
     "class_centers",
@@ -111,6 +114,7 @@ def refilled_relationship(
     tuples: bool = False,
     mode: str = "official",
     where=None,
+    axis_name=None,
 ):
   """ReFilled stage 1: match the teacher's triplet comparisons on the student's semi-hard triplets.
 
@@ -121,16 +125,16 @@ def refilled_relationship(
 
       P_phi(a, p, n) = sigmoid((d_phi(a, n) - d_phi(a, p)) / temperature),
 
-  the teacher's (under `stop_gradient`) is the soft target, and per triplet the loss is the binary
+  the teacher's is the soft target, and per triplet the loss is the binary
   KL(P_T || P_S) = P_T log(P_T / P_S) + (1 - P_T) log((1 - P_T) / (1 - P_S)).
 
   - mode="official" reproduces `njulus/REFILLED: Train.py` train_stage1:
     `1000 * KLDivLoss(reduction="batchmean")(log [P_S; 1 - P_S], [P_T; 1 - P_T])`. The code
     stacks the two probabilities along the *batch* axis, so "batchmean" divides the summed KL by
     2N for N mined triplets: loss = 1000 * (1 / (2N)) * sum_triplets KL = 500 * mean KL.
-  - mode="paper": the mean binary KL over mined triplets, without those factors (CVPR 2020 form
-    as summarised in METHODS.md 2.2; the exact paper equations are [RECON], and the paper's
-    distance may be the squared one — this function uses the code's plain distance in both modes).
+  - mode="paper": the mean binary KL over mined triplets, without those factors (the CVPR 2020
+    form as docs/refilled.md states it; the paper's distance may be the squared one, and this
+    function uses the code's plain distance in both modes).
 
   tuples=True is the code's `--flag_merge` variant [`utils/triplet.py` merge]: mined triplets are
   grouped by (anchor, positive); each group (a, p; n_1..n_r) compares the logits
@@ -150,10 +154,14 @@ def refilled_relationship(
     tuples: use the multi-negative tuple form.
     mode: "official" or "paper" (scaling, see above).
     where: optional bool [B] row mask; False rows take part in no triplet.
+    axis_name: optional name of the mapped batch axis: embeddings, labels and mask of all devices
+      are all-gathered first (`gather_batch`), so triplets are mined in the global batch.
 
   Returns:
     A scalar float32 loss (batch-relational: the caller does not reduce it further).
   """
+  student_embed, teacher_embed, labels, where = gather_batch(
+      (student_embed, teacher_embed, labels, where), axis_name)
   _check_embed(student_embed, "student_embed")
   _check_embed(teacher_embed, "teacher_embed")
   val.check_batch_match(student_embed, teacher_embed, "student_embed", "teacher_embed")
@@ -163,7 +171,7 @@ def refilled_relationship(
   _check_mode(mode)
 
   s = nm.l2_normalize(nm.to_float32(student_embed))
-  t = jax.lax.stop_gradient(nm.l2_normalize(nm.to_float32(teacher_embed)))
+  t = nm.l2_normalize(nm.to_float32(teacher_embed))
   d_s = _pairwise_distances(s)
   d_t = _pairwise_distances(t)
   mask = semihard_triplet_mask(d_s, labels, margin=margin, where=where)  # [a, p, n]
@@ -216,10 +224,10 @@ def refilled_classifier(
 
   with no tau_2^2 factor, as the official code. Two teacher classifiers:
 
-  - centers=None, the paper's local form (CVPR 2020; METHODS.md 2.3, formulas [RECON]): in-batch
+  - centers=None, the paper's local form (CVPR 2020; docs/refilled.md): in-batch
     centres c_n = mean of the teacher embeddings phi_T(x_i) with y_i = n, and z_T(i, n) =
-    -Dist(phi_T(x_i), c_n). Dist is the squared Euclidean distance (distance="squared", our
-    reading of the paper, [RECON]) or the plain one (distance="euclidean"), on the unnormalised
+    -Dist(phi_T(x_i), c_n). Dist is the squared Euclidean distance (distance="squared", a
+    reading of the paper) or the plain one (distance="euclidean"), on the unnormalised
     teacher embedding.
   - centers given, the official form [`njulus/REFILLED: Train.py` train_stage2, README "global
     class centers"]: z_T(i, n) = <phi_T(x_i), c_n / ||c_n||> with phi_T unnormalised and the
@@ -227,8 +235,7 @@ def refilled_classifier(
     again here, which changes nothing for `class_centers`' output).
 
   Centres are built from the teacher's embedding of the *student's* data grouped by the
-  *student's* labels, so the teacher's label space never enters. The teacher side is under
-  `stop_gradient`. The full loss of the method is CE(y, z_S) + lambda * this term with
+  *student's* labels, so the teacher's label space never enters. The full loss of the method is CE(y, z_S) + lambda * this term with
   lambda = 100 (official); the cross-entropy and the weight are the caller's, and the official
   "batchmean" reduction is the mean of this per-example output over the batch.
 
@@ -256,7 +263,7 @@ def refilled_classifier(
   if distance not in ("squared", "euclidean"):
     raise ValueError(f"distance must be 'squared' or 'euclidean', got distance={distance!r}.")
 
-  t = jax.lax.stop_gradient(nm.to_float32(teacher_embed))
+  t = nm.to_float32(teacher_embed)
   onehot, present = _present_classes(labels, num_classes, where)
   if centers is None:
     counts = jnp.sum(onehot, axis=0)
@@ -271,7 +278,7 @@ def refilled_classifier(
           f"student_logits.shape={jnp.shape(student_logits)} and teacher_embed.shape="
           f"{jnp.shape(teacher_embed)}, got centers.shape={jnp.shape(centers)}."
       )
-    c = jax.lax.stop_gradient(nm.l2_normalize(nm.to_float32(centers)))
+    c = nm.l2_normalize(nm.to_float32(centers))
     teacher_logits = t @ c.T
 
   s = nm.to_float32(student_logits)

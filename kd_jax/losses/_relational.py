@@ -4,7 +4,8 @@ Each loss here compares a [b, b] structure built over the mini-batch (a Gram mat
 distances, angles, cosine similarities) between student and teacher, so the student and teacher
 feature widths may differ and only the batch size must agree. A boolean row mask `where` [b]
 excludes padded rows from every structure and from every normaliser (max(count, 1)); an all-False
-mask gives exactly 0. The teacher side is always under `stop_gradient`.
+mask gives exactly 0. Like every loss of `kd_jax.losses`, they never stop gradients: the train
+step applies `stop_gradient` to the teacher's outputs once.
 
 Feature maps are NHWC (channels last); the batch-relational losses flatten every axis after the
 first, so the layout does not change their value.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.losses._batch import gather_batch
 from kd_jax.losses._numerics import NORM_EPS
 from kd_jax.losses._numerics import l2_normalize
 from kd_jax.losses._numerics import masked_count
@@ -56,9 +58,7 @@ def _layer_pairs(student, teacher, student_name, teacher_name):
 
 def _gather(x, axis_name):
   """All-gathers the rows of `x` (or None) over the named batch axis; identity for None."""
-  if axis_name is None or x is None:
-    return x
-  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+  return None if x is None else gather_batch(x, axis_name)
 
 
 def _flatten_rows(x, where):
@@ -105,7 +105,7 @@ def _sp_one(student, teacher, where):
   check_batch_match(student, teacher)
   check_where(where, jnp.shape(student)[:1])
   g_s = gram(student, where=where)
-  g_t = jax.lax.stop_gradient(gram(teacher, where=where))
+  g_t = gram(teacher, where=where)
   b = masked_count(where, jnp.shape(student)[0])
   return jnp.sum(jnp.square(g_t - g_s)) / (b * b)
 
@@ -115,7 +115,7 @@ def sp(student_features, teacher_features, *, where=None, axis_name=None):
 
   `G = gram(A)` is the row-L2-normalised batch Gram matrix of the flattened activations (see
   `gram`). Only the batch size of student and teacher must agree: channels and spatial sizes may
-  differ, since only [b, b] matrices are compared. The teacher side is under `stop_gradient`.
+  differ, since only [b, b] matrices are compared.
 
   Paper: F. Tung and G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
   Reference: HobbitLong/RepDistiller `distiller_zoo/SP.py` (`Similarity`, author-verified); the
@@ -149,7 +149,7 @@ def sp(student_features, teacher_features, *, where=None, axis_name=None):
 def _embedding_pair(student_embed, teacher_embed, where, axis_name):
   """Gathers (if `axis_name`), checks and flattens a student/teacher pair of [b, ...] embeddings.
 
-  Returns float32 `[b, d]` rows with masked rows zeroed, the teacher under `stop_gradient`, the
+  Returns float32 `[b, d]` rows with masked rows zeroed, the
   (gathered) mask and the batch size b.
   """
   student_embed, teacher_embed, where = (
@@ -160,7 +160,7 @@ def _embedding_pair(student_embed, teacher_embed, where, axis_name):
   b = jnp.shape(student_embed)[0]
   check_where(where, (b,))
   s = to_float32(_flatten_rows(student_embed, where))
-  t = jax.lax.stop_gradient(to_float32(_flatten_rows(teacher_embed, where)))
+  t = to_float32(_flatten_rows(teacher_embed, where))
   return s, t, where, b
 
 
@@ -222,7 +222,7 @@ def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
         + angle_weight * mean_{i,j,k} huber(psi_A^S - psi_A^T),
 
   with the Huber loss of delta 1 (torch `smooth_l1_loss`) averaged over all b^2 (b^3) entries,
-  diagonal included, as the reference does. The teacher side is under `stop_gradient`.
+  diagonal included, as the reference does.
 
   Paper: W. Park, D. Kim, Y. Lu, M. Cho, "Relational Knowledge Distillation", CVPR 2019.
   Reference: HobbitLong/RepDistiller `distiller_zoo/RKD.py` (`RKDLoss(w_d=25, w_a=50)`), applied
@@ -288,8 +288,7 @@ def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None, axis_nam
 
     L = mean_{i,j} P_ij * log((P_ij + eps) / (Q_ij + eps)),
 
-  the mean over all b^2 entries (not a sum over j), as the reference. The teacher side is under
-  `stop_gradient`.
+  the mean over all b^2 entries (not a sum over j), as the reference.
 
   Paper: N. Passalis, A. Tefas, "Learning Deep Representations with Probabilistic Knowledge
   Transfer", ECCV 2018. Reference: HobbitLong/RepDistiller `distiller_zoo/PKT.py`

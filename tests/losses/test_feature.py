@@ -148,14 +148,17 @@ def test_bfloat16_is_computed_in_float32():
 
 
 @pytest.mark.parametrize("name", _NAMES)
-def test_gradients_teacher_stopped_and_vmap(name):
+def test_gradients_of_both_sides_and_vmap(name):
+  # The losses never stop gradients (the train step freezes the teacher): both sides are checked
+  # against finite differences.
   rng = np.random.default_rng(6)
   s, t = _pair(rng, name, b=2)
   s, t = _nhwc(s), _nhwc(t)
   check_grads(jax.jit(lambda s: _JIT[name](s, t).sum()), (s,), order=1, modes=("rev",),
               atol=2e-2, rtol=2e-2)
-  g_t = jax.jit(jax.grad(lambda t: _JIT[name](s, t).sum()))(t)
-  assert np.all(g_t == 0)
+  check_grads(jax.jit(lambda t: _JIT[name](s, t).sum()), (t,), order=1, modes=("rev",),
+              atol=2e-2, rtol=2e-2)
+  assert np.any(jax.jit(jax.grad(lambda t: _JIT[name](s, t).sum()))(t) != 0)
   batched = jax.jit(jax.vmap(getattr(losses, name)))(jnp.stack([s, s * 2]), jnp.stack([t, t]))
   np.testing.assert_allclose(batched[0], _JIT[name](s, t), rtol=1e-5)
 

@@ -131,13 +131,16 @@ def test_sp_bfloat16_computes_in_float32():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_sp_teacher_gets_no_gradient_and_student_gradient_checks():
+def test_sp_gradients_of_both_sides():
+  # Losses never stop gradients (the train step freezes the teacher).
   rng = np.random.default_rng(5)
   s = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
   t = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
-  assert np.all(jax.grad(losses.sp, argnums=1)(s, t) == 0)
   check_grads(jax.jit(lambda s: losses.sp(s, t)), (s,), order=1, modes=("rev",), atol=1e-2,
               rtol=1e-2)
+  check_grads(jax.jit(lambda t: losses.sp(s, t)), (t,), order=1, modes=("rev",), atol=1e-2,
+              rtol=1e-2)
+  assert np.any(jax.grad(losses.sp, argnums=1)(s, t) != 0)
 
 
 def test_sp_jit_and_vmap():
@@ -350,9 +353,14 @@ def test_gradients_check_and_vmap(name):
 
 
 @pytest.mark.parametrize("name", ["rkd", "pkt"])
-def test_teacher_side_gets_no_gradient(name):
-  s, t = jnp.ones((3, 2)) * jnp.arange(3.0)[:, None], jnp.eye(3)[:, :2] + 0.1
-  assert np.all(jax.jit(jax.grad(getattr(losses, name), argnums=1))(s, t) == 0)
+def test_teacher_side_gradient_flows(name):
+  # Losses never stop gradients: the teacher side matches finite differences.
+  rng = np.random.default_rng(11)
+  s = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  fn = getattr(losses, name)
+  check_grads(jax.jit(lambda t: fn(s, t)), (t,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+  assert np.any(jax.jit(jax.grad(fn, argnums=1))(s, t) != 0)
 
 
 def test_embedding_shape_errors_name_both_shapes():
