@@ -1,10 +1,11 @@
 """PTLoss coefficient selection: pick epsilon by the proxy teacher's closeness to the labels.
 
-Zhang et al., "Knowledge Distillation with Perturbed Loss" (KDD 2024), METHODS.md 1.5: sample
+Zhang et al., "Knowledge Distillation with Perturbed Loss" (KDD 2024; docs/ptloss.md): sample
 candidate perturbations, compute each candidate's proxy teacher on a small labelled validation
 set, score its mean distance to the one-hot labels (an unbiased stand-in for the Bayes
-class-probabilities, after Menon et al. 2021), keep the closest. No student is trained. All
-candidates are scored in one jitted computation, vectorised over candidates in chunks.
+class-probabilities, after Menon et al., "A Statistical Perspective on Distillation", ICML
+2021), keep the closest. No student is trained. All candidates are scored in one jitted
+computation, vectorised over candidates in chunks.
 
     sel = select_coefficients(teacher_logits_val, labels_val, key=jax.random.key(0))
     loss = kd_jax.losses.ptloss(student_logits, teacher_logits, sel.epsilon)
@@ -60,7 +61,8 @@ def sample_candidates(key, num_candidates: int, order: int = 5, num_classes: int
                       *, scale: float = 1.0):
   r"""Candidate perturbations :math:`\epsilon_{k,m} \sim U[-a/m, a/m]`; candidate 0 is zero.
 
-  The sampling law is ours (METHODS.md 1.5: the paper's range and count were not retrieved).
+  The sampling law is ours (the paper's range and count were not available to us;
+  docs/ptloss.md).
 
   Args:
     key: a `jax.random.key`.
@@ -121,7 +123,7 @@ def select_coefficients(teacher_logits_val, labels_val, *, key, order: int = 5,
                         tol: float = 1e-5, grid_size: int = 1025) -> Selection:
   r"""Chooses PTLoss coefficients by the proxy teacher's closeness to the validation labels.
 
-  METHODS.md 1.5 (Zhang et al., KDD 2024, Eq. 11 and the random search of its Sec. 5): for each
+  Zhang et al., KDD 2024, Eq. 11 and the random search of its Sec. 5; docs/ptloss.md: for each
   candidate epsilon, compute the proxy teacher (`kd_jax.losses.proxy_teacher`) of every
   validation example and score :math:`Q(\epsilon) = mean_x\, d(p^{t_{px}}(x; \epsilon), y(x))`;
   return the argmin. Candidate 0 is always epsilon = 0 (the vanilla teacher), so selection never

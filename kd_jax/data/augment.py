@@ -5,8 +5,9 @@ Every transform has the signature `fn(image, rng) -> image` on one HWC image (`r
 called with `rng=None`). `compose(*fns)` chains them into an `augment(example, rng) -> example`
 for `kd_jax.data.batches`, whose per-example generators keep augmentation reproducible.
 
-CIFAR recipe (RepDistiller / mdistiller, ANCHORS.md §4.1): `transforms.RandomCrop(32,
-padding=4)`, `RandomHorizontalFlip()`, `ToTensor()`, `Normalize(mean, std)`.
+CIFAR recipe (`HobbitLong/RepDistiller: dataset/cifar100.py`, also used by
+`megvii-research/mdistiller`): `transforms.RandomCrop(32, padding=4)`,
+`RandomHorizontalFlip()`, `ToTensor()`, `Normalize(mean, std)`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Class splits for generalized KD: the teacher's and the student's tasks from one dataset.
 
-Generalized KD (ReFilled, METHODS.md 2.1) trains the teacher on classes A and the student on
+Generalized KD (ReFilled: Ye, Lu, Zhan, "Generalized Knowledge Distillation via Relationship
+Matching", TPAMI 2022; docs/refilled.md) trains the teacher on classes A and the student on
 classes B of the same labelled dataset, with B = A (standard KD), B partially overlapping A, or B
 disjoint from A (cross-task). A split keeps the examples of each task and relabels their targets
 to 0..|A|-1 and 0..|B|-1 in the order the classes are listed, so each model sees a dense label
 space. Presets fix the student's task and vary only the teacher's, so a student's accuracy is
 comparable across settings.
 
-The cross-task class splits of the ReFilled papers were not retrieved (METHODS.md 2.5, 6); the
-presets here are this library's choices, not the papers' protocols.
+The cross-task class splits of the ReFilled papers were not available to us (the README of the
+official code `njulus/REFILLED` reports only the standard-KD setting); the presets here are this
+library's choices, not the papers' protocols.
 """
 
 from __future__ import annotations
@@ -221,8 +223,8 @@ def cifar100_settings() -> dict[str, Setting]:
   """CIFAR-100 settings by class id (alphabetical fine labels), student on classes 50-99.
 
   "full": both on all 100 classes, the standard-KD setting of the ReFilled README table
-  (METHODS.md 2.5); "same": both on 50-99; "overlap": teacher on 25-74 (shares 50-74);
-  "disjoint": teacher on 0-49, the 50/50 cross-task split.
+  (`njulus/REFILLED`; docs/refilled.md); "same": both on 50-99; "overlap": teacher on 25-74
+  (shares 50-74); "disjoint": teacher on 0-49, the 50/50 cross-task split.
   """
   out = {"full": Setting("full", tuple(range(100)), tuple(range(100)))}
   out.update(generalized_settings(100, 50, num_shared=25))

@@ -1,6 +1,6 @@
 """CUB-200-2011 from TFDS (`caltech_birds2011`) through Grain, with the ImageNet-style transforms.
 
-The ReFilled CUB recipe (METHODS.md 2.4, `njulus/REFILLED`): training images get
+The ReFilled CUB recipe (official code `njulus/REFILLED`, docs/refilled.md): training images get
 RandomResizedCrop(224) (area in [0.08, 1], aspect ratio in [3/4, 4/3], torchvision's 10 tries
 then a centre-crop fallback) and a horizontal flip; test images Resize(256) on the shorter side
 and CenterCrop(224); both are normalised with the ImageNet statistics. Images of CUB have

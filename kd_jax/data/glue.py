@@ -38,8 +38,9 @@ class TextTask:
   eval_split: str = "validation"
 
 
-# The paper's domain (METHODS.md 1.7: BoolQ, RTE, CB, MNLI, ANLI recalled with low confidence) and
-# the rest of GLUE. super_glue's builder needs TensorFlow to be constructed (tfds 4.9.10).
+# The paper's domain (NLI / QA classification; its exact datasets were not available to us, BoolQ,
+# RTE, CB, MNLI and ANLI are a low-confidence guess, docs/ptloss.md) and the rest of GLUE.
+# super_glue's builder needs TensorFlow to be constructed (tfds 4.9.10).
 TASKS: dict[str, TextTask] = {
     "sst2": TextTask("glue/sst2", ("sentence",), 2),
     "cola": TextTask("glue/cola", ("sentence",), 2),

@@ -2,7 +2,8 @@
 
 `tfds.data_source` reads a dataset prepared in the array_record format and returns a sequence of
 decoded numpy example dicts, which `kd_jax.data.batches` shuffles, augments and batches with
-Grain. CIFAR follows the KD-literature recipe (ANCHORS.md §4.1): random crop 32 with 4-pixel
+Grain. CIFAR follows the KD-literature recipe (`HobbitLong/RepDistiller`, the code of Tian et
+al., "Contrastive Representation Distillation", ICLR 2020): random crop 32 with 4-pixel
 zero padding, horizontal flip, per-channel normalisation; evaluation only normalises.
 """
 

@@ -1,10 +1,10 @@
 """PTLoss: KD with a perturbed Maclaurin series of the KL, and the proxy teacher it implies.
 
 Zhang et al., "Knowledge Distillation with Perturbed Loss: From a Vanilla Teacher to a Proxy
-Teacher" (KDD 2024; arXiv 2305.05010). No official code was released; the formulas follow
-docs METHODS.md section 1. Writing u_k = 1 - p^s_k, the KL's student term is
--sum_k p^t_k log p^s_k = sum_k p^t_k sum_{m>=1} u_k^m / m, and PTLoss perturbs the leading M
-coefficients 1/m by eps_{k,m}:
+Teacher" (KDD 2024; arXiv 2305.05010). No official code was released; the formulas and which
+parts are our derivations are in docs/ptloss.md ("The method"). Writing u_k = 1 - p^s_k, the
+KL's student term is -sum_k p^t_k log p^s_k = sum_k p^t_k sum_{m>=1} u_k^m / m, and PTLoss
+perturbs the leading M coefficients 1/m by eps_{k,m}:
 
   L_PT = KL(p^t || p^s) + sum_k p^t_k sum_{m=1}^{M} eps_{k,m} u_k^m.
 
@@ -83,7 +83,7 @@ def ptloss(student_logits, teacher_logits, epsilon, *, temperature=1.0, where=No
   .. math::
     L_{PT} = KL(p^t \| p^s) + \sum_k p^t_k \sum_{m=1}^{M} \epsilon_{k,m} u_k^m
 
-  (Zhang et al., KDD 2024, "Knowledge Distillation with Perturbed Loss"; METHODS.md 1.3; no
+  (Zhang et al., KDD 2024, "Knowledge Distillation with Perturbed Loss"; docs/ptloss.md; no
   official code exists). `epsilon = 0` gives `KL(p^t || p^s)`, i.e. `kd(...) / T**2` (no
   `T**2` factor here). A one-hot teacher with `M = 1` and a shared `epsilon` gives Poly-1
   (Leng et al., ICLR 2022): `CE + eps * (1 - p_y)`.
@@ -100,8 +100,8 @@ def ptloss(student_logits, teacher_logits, epsilon, *, temperature=1.0, where=No
     teacher_logits: `[..., K]` teacher logits.
     epsilon: perturbation coefficients, `[M]` shared over classes or `[K, M]` per class;
       `epsilon[..., m-1]` perturbs the order-m term.
-    temperature: `T > 0`, applied to both teacher and student (METHODS.md 1.8 lists this as
-      unspecified by the paper).
+    temperature: `T > 0`, applied to both teacher and student (the paper's choice was not
+      available to us; docs/ptloss.md).
     where: optional boolean mask of the batch shape; masked examples give exactly 0.
     series_terms: `None` for the exact form, or a static Python int `N >= M` for the truncated
       series.
@@ -185,7 +185,7 @@ def _is_zero(tangent):
 
 
 def _exact_ptloss_jvp(primals, tangents):
-  # Closed-form derivatives (METHODS.md 1.4): dL/ds_j = S p^s_j - p~_j with
+  # Closed-form derivatives (docs/ptloss.md): dL/ds_j = S p^s_j - p~_j with
   # p~_k = p^t_k (1 + p^s_k P_k'(u_k)), S = sum_k p~_k; dL/dt_j = p^t_j (a_j - L);
   # dL/deps_{k,m} = p^t_k u_k^m. Plain autodiff through the Horner polynomial made value+grad
   # about 2-3x KD's cost on CPU; with this rule and `row_sum` PTLoss costs 1.0-1.3x KD
@@ -236,7 +236,7 @@ def epsilon_is_valid(epsilon, num_classes: int | None = None, *, grid_size: int 
 
   With :math:`\rho_k(q) = 1 + q P_k'(1-q)` and :math:`P_k(u) = \sum_m \epsilon_{k,m} u^m`:
 
-  * METHODS.md 1.4: :math:`\tilde p_k = p^t_k \rho_k(q) \ge 0` for every :math:`q \in [0, 1]`;
+  * docs/ptloss.md: :math:`\tilde p_k = p^t_k \rho_k(q) \ge 0` for every :math:`q \in [0, 1]`;
     we require :math:`\rho_k > 0`.
   * Ours: :math:`1 + q^2 P_k''(1-q) > 0`, i.e. each class's term
     :math:`-\log q + P_k(1-q)` is strictly convex. Then :math:`q/\rho_k(q)` is increasing, the
@@ -271,7 +271,7 @@ def proxy_teacher(teacher_probs, epsilon, *, method="newton", max_iter=None, tol
                   damping=0.5, strict=True, grid_size=1025):
   r"""The proxy teacher of PTLoss: :math:`\arg\min_{q \in \Delta} L_{PT}(p^t, q; \epsilon)`.
 
-  METHODS.md 1.4 (derivation ours; the paper's Eqs. 8-9 were not available). Stationarity of
+  docs/ptloss.md (derivation ours; the paper's Eqs. 8-9 were not available to us). Stationarity of
   :math:`\sum_k p^t_k [-\log q_k + P_k(1 - q_k)]` on the simplex gives the fixed point
 
   .. math::
@@ -288,7 +288,7 @@ def proxy_teacher(teacher_probs, epsilon, *, method="newton", max_iter=None, tol
       Converges quadratically; for epsilons of the default size (U[-1/m, 1/m], K = 100)
       examples need 2-3 iterations on average and at most about 6 (the damped fixed point: 15-30).
     * `"fixed_point"`: the damped iteration `q <- (1 - damping) q + damping p~(q)/S(q)` from
-      METHODS.md 1.4; linear convergence, kept for comparison.
+      `q = p^t` (docs/ptloss.md); linear convergence, kept for comparison.
 
   Validity: see `epsilon_is_valid`. With `strict=True` and a concrete (not traced) epsilon an
   invalid one raises `ValueError`; under `jax.jit`/`vmap` (or with `strict=False`) the `valid`
@@ -299,9 +299,9 @@ def proxy_teacher(teacher_probs, epsilon, *, method="newton", max_iter=None, tol
     epsilon: `[M]` shared or `[K, M]` per class; `0` gives back `teacher_probs`.
     method: `"newton"` or `"fixed_point"`.
     max_iter: iteration cap (default 50 for Newton, 500 for the fixed point).
-    tol: convergence threshold on the L1 residual `||q - p~(q)/S(q)||_1`. METHODS.md suggests
-      1e-6; in float32 the residual's rounding floor is about `K * 1e-8` (~1e-6 for K = 100), so
-      the default is 1e-5 (Newton's last step usually lands far below it).
+    tol: convergence threshold on the L1 residual `||q - p~(q)/S(q)||_1`. A threshold of
+      1e-6 sits at float32's rounding floor of the residual, about `K * 1e-8` (~1e-6 for
+      K = 100), so the default is 1e-5 (Newton's last step usually lands far below it).
     damping: step size of the fixed-point method.
     strict: raise on an invalid concrete epsilon (see above).
     grid_size: size of the q grid of the validity check.
@@ -321,7 +321,7 @@ def proxy_teacher(teacher_probs, epsilon, *, method="newton", max_iter=None, tol
       raise ValueError(
           f"epsilon (shape {tuple(jnp.shape(epsilon))}) does not define a valid proxy teacher: "
           "1 + q * sum_m m eps_m (1-q)^(m-1) > 0 and 1 + q^2 P''(1-q) > 0 must hold for every "
-          "q in [0, 1] (METHODS.md 1.4). Use smaller coefficients, or strict=False to get a "
+          "q in [0, 1] (docs/ptloss.md). Use smaller coefficients, or strict=False to get a "
           "`valid` flag instead."
       )
   return _proxy_teacher(teacher_probs, epsilon, tol, damping, method=method,

@@ -5,7 +5,8 @@ Applications" (2017), Table 1: conv3x3 stride 2 (32 ch) + BN + ReLU, then 13 dep
 blocks (depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU) with output channels / strides
 (64,1) (128,2) (128,1) (256,2) (256,1) (512,2) (512,1)x5 (1024,2) (1024,1), global average
 pooling and a linear classifier. Every channel count is int(c * width_multiplier). ReFilled's
-CUB runs use widths 1.0 (teacher), 0.75, 0.5, 0.25 (METHODS.md 2.4).
+CUB runs use widths 1.0 (teacher), 0.75, 0.5, 0.25 (official code `njulus/REFILLED`;
+docs/refilled.md).
 
 Registered as "mobilenet_v1" (option `width_multiplier`) when this module is imported.
 Features: "stem" (stride 2), "stage1".."stage4" (strides 4, 8, 16, 32: after blocks 3, 5, 11,

@@ -1,6 +1,6 @@
 """Implicit-feedback interactions: GroupLens / TFDS readers and HetComp's per-user split.
 
-Every rating becomes one implicit interaction (user, item). The split follows METHODS.md 3.6,
+Every rating becomes one implicit interaction (user, item). The split follows HetComp's protocol
 as coded in `SeongKu-Kang/HetComp_WWW23: Utils/data_utils.py`: drop users with fewer than 5
 interactions; per user shuffle and take 20% test, 20% validation (floor division) and the rest as
 train; drop held-out items never seen in training; drop users whose validation or test set is
@@ -167,7 +167,7 @@ def _csr(users, items, num_users):
 
 def split_per_user(data: Interactions, *, seed: int = 0, min_interactions: int = 5,
                    test_ratio: float = 0.2, valid_ratio: float = 0.2) -> Split:
-  """HetComp's per-user 60/20/20 split with METHODS.md 3.6 filtering, seeded.
+  """HetComp's per-user 60/20/20 split with the official code's filtering, seeded.
 
   Per user with n >= min_interactions items (shuffled with `seed`): the first
   floor(n * test_ratio) go to test, the next floor(n * valid_ratio) to validation, the rest to

@@ -1,7 +1,7 @@
 """Two debiasing strategies that use the teachers' disagreement (dissensus). OUR design.
 
 The TORS'24 extension of HetComp reduces popularity lift with two dissensus-based strategies
-whose definitions are not public to us (METHODS.md 3.7). These two are ours, built on one
+whose definitions are not public to us (docs/hetcomp.md). These two are ours, built on one
 observation: the ensemble's consensus items (high in every teacher's list) are mostly popular
 items, while items that only some teachers rank high are more often niche. With w(r) the rank
 importance (knowledge.py) and r_x = N for items outside teacher x's top-N list, the dissensus of

@@ -1,6 +1,6 @@
 """Distilling the ensemble knowledge into the MF student: HetComp and all-at-once KD.
 
-`SeongKu-Kang/HetComp_WWW23: main.py` (METHODS.md 3.5). Each epoch walks over the training
+`SeongKu-Kang/HetComp_WWW23: main.py` (docs/hetcomp.md). Each epoch walks over the training
 interactions in batches of 1024 (shuffled); a step updates the unique users of its batch
 (padded to a static size with a user mask), so heavy users are updated more often, as in the
 official loop. The step is a masked phase-A or phase-B loss summed over users (lambda_A = 0.01,
@@ -37,7 +37,7 @@ from kd_jax.recsys.student import STUDENT_DIM, make_student, mf_scores, student_
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """HetComp's distillation settings (defaults: the official code's, METHODS.md 3.3-3.5)."""
+  """HetComp's distillation settings (defaults: the official code's)."""
   method: str = "hetcomp"  # 'hetcomp' | 'all_at_once'
   debias: str | None = None  # None | 'rerank' | 'weight'
   debias_strength: float | None = None  # beta for 'rerank', gamma for 'weight'

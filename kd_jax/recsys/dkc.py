@@ -1,6 +1,6 @@
 """Dynamic knowledge construction (DKC): HetComp's per-user, per-teacher easy-to-hard schedule.
 
-METHODS.md 3.3, `SeongKu-Kang/HetComp_WWW23: main.py` (`DKC`, `get_NDCG_u`), vectorised: no
+Official code `SeongKu-Kang/HetComp_WWW23: main.py` (`DKC`, `get_NDCG_u`), vectorised: no
 Python loop over users or teachers. Each (user u, teacher x) holds a checkpoint index v[u, x]
 (0 = earliest). The discrepancy to checkpoint v is D = 1 - NDCG' between the student's top-50
 and the teacher's top-50 at v:

@@ -1,7 +1,7 @@
 """Sparse ensemble ranking knowledge: per user, teacher and checkpoint, the top-N items only.
 
 HetComp's official code keeps a dense users x items importance matrix per teacher and checkpoint
-(`SeongKu-Kang/HetComp_WWW23: Utils/data_utils.py`, METHODS.md 3.1-3.2). We keep only the
+(`SeongKu-Kang/HetComp_WWW23: Utils/data_utils.py`; docs/hetcomp.md). We keep only the
 teachers' top-N unobserved items ([U, X, V, N] int32, memory O(U x N)) and rebuild the importance
 on the fly from the rank r (0-based):
 
@@ -135,7 +135,7 @@ def ensemble_topk(lists, *, k: int = 100, gamma: float = IMPORTANCE_GAMMA,
   """The ensemble's top-k unobserved items from the teachers' [B, X, N] top-N lists.
 
   score(u, i) = mean_x w(r_x) + dissensus_bonus * std_x w(r_x), with r_x = N outside teacher
-  x's list (`dissensus_bonus` = 0 is HetComp's ensemble, METHODS.md 3.2; > 0 is our debiasing
+  x's list (`dissensus_bonus` = 0 is HetComp's ensemble, docs/hetcomp.md; > 0 is our debiasing
   strategy 1, see debias.py). Ties break by smaller item id.
 
   Args:

@@ -1,7 +1,7 @@
 """Full-ranking top-K evaluation (Recall@K, NDCG@K) and popularity lift, chunked over users.
 
-Protocol (METHODS.md 3.6, `SeongKu-Kang/HetComp_WWW23: Utils/evaluation.py`): every item is
-ranked for every user, except the user's training items and the items of the other held-out
+Protocol (HetComp's official code, `SeongKu-Kang/HetComp_WWW23: Utils/evaluation.py`): every
+item is ranked for every user, except the user's training items and the items of the other held-out
 part (validation ranking excludes train+test, test ranking excludes train+validation).
 Recall@K = hits/|GT|; NDCG@K has binary gains and an ideal DCG over min(|GT|, K) items (the same
 values as rax's `recall_metric` / `ndcg_metric` with `topn=K`). Users are processed in
@@ -64,7 +64,7 @@ def profile_popularity(split: Split) -> float:
 
 
 def popularity_lift(rec_popularity, profile_gap: float) -> float:
-  """PL = (GAP_r - GAP_p) / GAP_p x 100 (Abdollahpouri et al., METHODS.md 3.7).
+  """PL = (GAP_r - GAP_p) / GAP_p x 100 (Abdollahpouri et al., RecSys 2020).
 
   Args:
     rec_popularity: per-user mean phi over the user's top-K recommendations; GAP_r is its mean.

@@ -2,7 +2,7 @@
 
 The student is MF with user/item embeddings initialised from N(0, 0.01^2) and score
 <e_u, e_i>; dim = 6 by default, as in `SeongKu-Kang/HetComp_WWW23: main.py, Models/HetComp.py`
-(METHODS.md 3.1). It is `teachers.MF` with those settings, used functionally.
+(docs/hetcomp.md). It is `teachers.MF` with those settings, used functionally.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Six heterogeneous recommender teachers in JAX, each saving a trajectory of Orbax checkpoints.
 
 HetComp's teachers are named `MF, ML, DL, GNN, AE, I-AE` in `SeongKu-Kang/HetComp_WWW23:
-main.py` (METHODS.md 3.1). Ours:
+main.py` (docs/hetcomp.md). Ours:
 
   mf       BPR matrix factorisation (Rendle et al., 2009), BPR loss.
   cml      collaborative metric learning (Hsieh et al., 2017): score -||u - i||^2, hinge loss,
@@ -15,13 +15,13 @@ main.py` (METHODS.md 3.1). Ours:
            column over users is reconstructed with a binary cross-entropy; score(u, i) is item
            i's reconstruction of user u.
 
-Trajectory rule (ours; the paper's was not retrieved, METHODS.md 3.1): a teacher trained for E
-epochs saves checkpoints v = 0..3 at epochs ceil(E / 8), ceil(E / 4), ceil(E / 2) and E, so the
-early, easy knowledge comes from a model that is still mostly popularity-driven and v = 3 is the
-converged model. Models are Flax NNX modules used functionally (nnx.split / nnx.merge); a whole
-epoch runs as one jitted `lax.scan`. The teachers take a dense train matrix as context, so they
-are meant for catalogues that fit in memory (ML-100k / ML-1M); the knowledge they produce
-(`knowledge.py`) is sparse and scales.
+Trajectory rule (ours; the paper's was not available to us, docs/hetcomp.md): a teacher trained
+for E epochs saves checkpoints v = 0..3 at epochs ceil(E / 8), ceil(E / 4), ceil(E / 2) and E,
+so the early, easy knowledge comes from a model that is still mostly popularity-driven and v = 3
+is the converged model. Models are Flax NNX modules used functionally (nnx.split /
+nnx.merge); a whole epoch runs as one jitted `lax.scan`. The teachers take a dense train matrix
+as context, so they are meant for catalogues that fit in memory (ML-100k / ML-1M); the knowledge
+they produce (`knowledge.py`) is sparse and scales.
 """
 
 from __future__ import annotations
