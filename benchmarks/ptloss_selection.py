@@ -75,7 +75,7 @@ def bench_selection(num_candidates, num_examples, num_classes, repeats, chunk_si
 
 
 def bench_solvers(num_examples, num_classes, num_eps):
-  """Newton vs the damped fixed point of METHODS.md 1.4 on the same proxy-teacher problems."""
+  """Newton vs the damped fixed point (docs/ptloss.md) on the same proxy-teacher problems."""
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(num_examples, num_classes)) * 2.0
   logits[np.arange(num_examples), rng.integers(0, num_classes, num_examples)] += 6.0

@@ -7,8 +7,8 @@ must not change the arithmetic and should divide the time. For each device count
     losses computed by the unmapped single-device step (each device normalises batch norm with
     its own shard's statistics, as PyTorch DDP without SyncBN, so this is the exact reference);
   * times the step (median of interleaved rounds) and reports images/s and the scaling
-    efficiency t_1 / (n * t_n) at a fixed global batch (the anchors' recipe keeps the global
-    batch at 64; ANCHORS.md 7.3), or t_1 / t_n with `--weak` (fixed per-device batch).
+    efficiency t_1 / (n * t_n) at a fixed global batch (RepDistiller's CIFAR-100 recipe is
+    single-GPU batch 64), or t_1 / t_n with `--weak` (fixed per-device batch).
 
 On a CPU host the devices are simulated (`jax_num_cpu_devices`): the check is meaningful, the
 timings are not (all "devices" share the same cores). On GPUs/TPUs the efficiency is real.

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _timing  # pylint: disable=g-import-not-at-top
 
-# Loss specs of the anchors' CIFAR-100 recipes (ANCHORS.md 4.1); PTLoss as KD with a perturbation.
+# Loss specs of RepDistiller's / mdistiller's CIFAR-100 recipes (experiments/configs/cifar100.py);
+# PTLoss as KD with a perturbation.
 METHODS = {
     "kd": "ce:0.1,kd:0.9(temperature=4.0)",
     "sp": "ce:1,sp:3000",

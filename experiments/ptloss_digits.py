@@ -1,7 +1,7 @@
 """PTLoss on digits: does the proxy teacher chosen on validation data give a better student?
 
 Offline reproduction of the experiment design of Zhang et al., "Knowledge Distillation with
-Perturbed Loss" (KDD 2024; METHODS.md section 1) at toy scale:
+Perturbed Loss" (KDD 2024; docs/ptloss.md) at toy scale:
 
   python -m experiments.ptloss_digits --out=results.json
   python -m experiments.ptloss_digits --config.num_seeds=2 --config.student.num_epochs=10

@@ -1,6 +1,6 @@
 """PTLoss in the paper's domain: distil a transformer text classifier on a GLUE-style task.
 
-Zhang et al., "Knowledge Distillation with Perturbed Loss" (KDD 2024; METHODS.md section 1):
+Zhang et al., "Knowledge Distillation with Perturbed Loss" (KDD 2024; docs/ptloss.md):
 
   python -m experiments.ptloss_glue --config.task=rte --out=results_rte.json
 

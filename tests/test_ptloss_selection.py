@@ -24,7 +24,7 @@ def _np_log_softmax(x):
 
 
 def _np_proxy(pt, eps, iters=4000):
-  """METHODS.md 1.4's damped fixed point in float64, run to convergence."""
+  """The damped fixed point of docs/ptloss.md in float64, run to convergence."""
   eps = np.broadcast_to(eps if eps.ndim == 2 else eps[None], (pt.shape[-1], eps.shape[-1]))
   m = np.arange(1, eps.shape[-1] + 1)
   q = pt.copy()

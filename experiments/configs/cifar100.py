@@ -1,15 +1,17 @@
 """RepDistiller's CIFAR-100 recipe for the teacher -> student pairs of the KD benchmark tables.
 
-ANCHORS.md 4.1 (RepDistiller = mdistiller, the community standard): 240 epochs, batch 64, SGD
-momentum 0.9, weight decay 5e-4, learning rate 0.05 (0.01 for MobileNetV2 / ShuffleV1 /
-ShuffleV2 students) decayed x0.1 at epochs 150, 180 and 210; crop 32 / pad 4 + flip, CIFAR-100
-mean/std. Methods: KD (T = 4, CE 0.1 + KD 0.9), SP (CE 1 + 3000 x SP on the last feature map
-before pooling, `pre_pool` = RepDistiller's feat[-2]), DKD (CE 1, alpha 1, beta per pair, T 4,
-20-epoch linear warm-up), RKD (CE 1 + 1 x RKD 25/50 on the pooled embedding). Teachers are
-trained with the same recipe (RepDistiller `train_teacher.py`) unless `teacher.checkpoint`
-points to one (e.g. converted with `kd_jax.models.torch_convert`).
+`HobbitLong/RepDistiller` (Tian et al., "Contrastive Representation Distillation", ICLR 2020),
+whose recipe `megvii-research/mdistiller` (Zhao et al., "Decoupled Knowledge Distillation", CVPR
+2022) also uses, the community standard: 240 epochs, batch 64, SGD momentum 0.9, weight decay
+5e-4, learning rate 0.05 (0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students) decayed x0.1 at
+epochs 150, 180 and 210; crop 32 / pad 4 + flip, CIFAR-100 mean/std. Methods: KD (T = 4, CE 0.1 +
+KD 0.9), SP (CE 1 + 3000 x SP on the last feature map before pooling, `pre_pool` = RepDistiller's
+feat[-2]), DKD (CE 1, alpha 1, beta per pair, T 4, 20-epoch linear warm-up), RKD (CE 1 + 1 x RKD
+25/50 on the pooled embedding). Teachers are trained with the same recipe (RepDistiller
+`train_teacher.py`) unless `teacher.checkpoint` points to one (e.g. converted with
+`kd_jax.models.torch_convert`).
 
-Pick the pair after a colon (names as in ANCHORS.md 3.1 / 3.2):
+Pick the pair after a colon (names as in the CIFAR-100 tables of RepDistiller's README):
 
   python -m experiments.main --workdir=/tmp/r32x4_r8x4 \\
       --config=experiments/configs/cifar100.py:resnet32x4-resnet8x4
@@ -19,7 +21,7 @@ Needs CIFAR-100 from TFDS (downloaded and prepared on first use, or `--config.da
 
 import ml_collections
 
-# (teacher, student) -> DKD beta (mdistiller's per-pair CIFAR-100 configs; ANCHORS.md 4.1).
+# (teacher, student) -> DKD beta (`megvii-research/mdistiller: configs/cifar100/dkd/`).
 PAIRS = {
     "resnet56-resnet20": 2.0,
     "resnet110-resnet20": 8.0,
@@ -61,7 +63,7 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
   c.train_split = "train"
   c.val_split = "test"         # RepDistiller reports test accuracy every epoch
   c.seed = 0
-  c.batch_size = BATCH_SIZE    # global; the recipe is single-device batch 64 (ANCHORS.md 7.3)
+  c.batch_size = BATCH_SIZE    # global; the recipe is single-GPU batch 64 (RepDistiller issue 3)
   c.eval_batch_size = 256
   c.num_devices = 0
   c.parallel = "shard_map"

@@ -1,13 +1,13 @@
 """ReFilled on CIFAR-100: WRN-40-2 teacher, WRN students, the official code's recipe.
 
-METHODS.md 2.4 / `njulus/REFILLED`: teacher WRN-40-2 (CE, SGD Nesterov 0.1, momentum 0.9,
-weight decay 5e-4, x0.2 at epochs 100/140/180, 200 epochs, batch 128); students WRN-(16,2),
-(40,1), (16,1) (and (40,2)) with dropout 0.3; stage 1 relationship matching (margin 0.2,
-tau_1 = 4, official 1000 x KLDiv scaling) 200 epochs with cosine 0.1 -> 0.01, NCM every 10
-epochs; stage 2 CE + 100 x the embedding-induced classifier (tau_2 = 2, global centres) 200
-epochs with x0.2 at 100/140/180. Crop 32 / pad 4 + flip, CIFAR-100 mean/std. Model selection
-never looks at the test split: 5,000 training images (`val_fraction` 0.1) are held out for the
-stage-1 NCM selection and the reported validation accuracy.
+Official code `njulus/REFILLED` (docs/refilled.md): teacher WRN-40-2 (CE, SGD Nesterov 0.1,
+momentum 0.9, weight decay 5e-4, x0.2 at epochs 100/140/180, 200 epochs, batch 128); students
+WRN-(16,2), (40,1), (16,1) (and (40,2)) with dropout 0.3; stage 1 relationship matching (margin
+0.2, tau_1 = 4, official 1000 x KLDiv scaling) 200 epochs with cosine 0.1 -> 0.01, NCM every 10
+epochs; stage 2 CE + 100 x the embedding-induced classifier (tau_2 = 2, global centres) 200 epochs
+with x0.2 at 100/140/180. Crop 32 / pad 4 + flip, CIFAR-100 mean/std. Model selection never looks
+at the test split: 5,000 training images (`val_fraction` 0.1) are held out for the stage-1 NCM
+selection and the reported validation accuracy.
 
 Pick the student after a colon (default wrn_16_2); the README table's setting is "full" (both on
 all 100 classes); "same" / "overlap" / "disjoint" are the 50/50 class splits of

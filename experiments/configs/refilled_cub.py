@@ -1,10 +1,10 @@
 """ReFilled on CUB-200-2011 (TFDS `caltech_birds2011`): MobileNet teacher and students at 224x224.
 
-METHODS.md 2.4 / `njulus/REFILLED`: teacher MobileNet(V1) width 1.0, students widths 1.0, 0.75,
-0.5, 0.25; train images RandomResizedCrop 224 + flip, test images resize 256 + centre crop 224,
-ImageNet normalisation (`kd_jax.data.cub`); SGD Nesterov 0.1, momentum 0.9, weight decay 5e-4;
-stage 1 cosine to 0.01 with NCM selection every 10 epochs, stage 2 CE + 100 x the
-embedding-induced classifier (tau_2 = 2, global centres) with x0.2 at epochs 100/140/180; 200
+Official code `njulus/REFILLED` (docs/refilled.md): teacher MobileNet(V1) width 1.0, students
+widths 1.0, 0.75, 0.5, 0.25; train images RandomResizedCrop 224 + flip, test images resize 256 +
+centre crop 224, ImageNet normalisation (`kd_jax.data.cub`); SGD Nesterov 0.1, momentum 0.9,
+weight decay 5e-4; stage 1 cosine to 0.01 with NCM selection every 10 epochs, stage 2 CE + 100 x
+the embedding-induced classifier (tau_2 = 2, global centres) with x0.2 at epochs 100/140/180; 200
 epochs each, batch 128. 10% of the training images are held out for selection (never the test
 split). Whether the official runs started from ImageNet weights is not stated in what we read;
 here every network starts from scratch unless `teacher.checkpoint` points to a trained teacher.

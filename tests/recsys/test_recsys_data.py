@@ -1,4 +1,4 @@
-"""GroupLens / TFDS readers and the seeded per-user split with METHODS.md 3.6 filtering."""
+"""GroupLens / TFDS readers and the seeded per-user split with HetComp's filtering."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """HetComp's phase-A and phase-B losses against float64 numpy references written from the
-formulas (METHODS.md 3.4), plus the numerical edge cases every loss must survive."""
+formulas (docs/hetcomp.md), plus the numerical edge cases every loss must survive."""
 
 import jax
 import jax.numpy as jnp
