@@ -120,19 +120,13 @@ class JaxSetup:
     return self._stepping(jit(fn, donate_argnums=(0,) if donate else ()), state, batch, *args)
 
   def _with_crd(self, state, batch, num_data: int = 50_000):
-    """CRD's heads and memory banks in the state (`init_crd`, CIFAR-100's 50k examples), and
+    """CRD's heads and memory banks in the state (`step.init`, CIFAR-100's 50k examples), and
     dataset indices in the batch, as the main job sets them up."""
-    jax, jnp = self.jax, self.jax.numpy
-    from kd_jax.train import crd as crd_lib  # pylint: disable=g-import-not-at-top
-    x = jax.ShapeDtypeStruct((1,) + self.batch["image"].shape[1:], jnp.float32)
-    student_dim = jax.eval_shape(
-        lambda x: state.model()(x, train=False)[1]["embedding"], x).shape[-1]
-    teacher_dim = jax.eval_shape(lambda x: self.step_lib.teacher_outputs(
-        self.t_graphdef, self.t_vars, x).features["embedding"], x).shape[-1]
-    state = crd_lib.init_crd(state, num_data=num_data, student_dim=student_dim,
-                             teacher_dim=teacher_dim)
-    index = jnp.arange(self.batch_size, dtype=jnp.int32)
-    return state, {**batch, "index": index}
+    jnp = self.jax.numpy
+    batch = {**batch, "index": jnp.arange(self.batch_size, dtype=jnp.int32)}
+    step = self.step_lib.make_train_step("ce:1,crd:0.8", teacher_graphdef=self.t_graphdef,
+                                         axis_name=None)
+    return step.init(state, batch, self.t_vars, num_data=num_data), batch
 
   def parallel_runner(self, loss: str, num_devices: int):
     """`run(n)` for the library's data-parallel step (`kd_jax.parallel.data_parallel`) over

@@ -7,7 +7,8 @@
 
 Prints a table of test accuracy per method next to the teacher's and writes metrics
 (metrics.jsonl, TensorBoard events), Orbax checkpoints and results.json to --workdir. Restarted
-with the same --workdir it resumes every run from its last checkpoint. See docs/training.md.
+with the same --workdir it resumes every run from its last checkpoint. The runner is
+`experiments/runner.py`; see docs/training.md.
 """
 
 import os
@@ -31,9 +32,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from kd_jax.data import DatasetUnavailableError  # pylint: disable=g-import-not-at-top
-  from kd_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  from experiments import runner  # pylint: disable=g-import-not-at-top
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value)
+    runner.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, DatasetUnavailableError) as e:
     # Bad input (unknown model or loss, class mismatch, broken teacher): a clear message, no trace.
     print(f"error: {e}", file=sys.stderr)

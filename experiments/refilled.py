@@ -10,7 +10,8 @@
 Prints test accuracy (mean ± std over `config.seeds`) per class setting and writes
 `<workdir>/results.json` (summary and every run) and each run's own results.json, metrics,
 TensorBoard events and Orbax checkpoints under `<workdir>/<setting>/seed_<seed>/`. Restarted
-with the same workdir it resumes. See docs/refilled.md.
+with the same workdir it resumes. The pipeline is `experiments/refilled_pipeline.py`; see
+docs/refilled.md.
 """
 
 import os
@@ -35,9 +36,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from kd_jax.train import refilled  # pylint: disable=g-import-not-at-top
+  from experiments import refilled_pipeline  # pylint: disable=g-import-not-at-top
   try:
-    refilled.run(_CONFIG.value, _WORKDIR.value)
+    refilled_pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

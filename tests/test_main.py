@@ -12,7 +12,7 @@ import pytest
 from experiments.configs import default
 from kd_jax import models
 from kd_jax import teachers
-from kd_jax.train import experiment
+from experiments import runner as experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.teacher.num_steps=40", "--config.student.num_steps=12",

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from experiments.configs import default
-from kd_jax.train import experiment
+from experiments import runner as experiment
 
 
 def test_main_job_trains_crd_with_memory_bank_state(tmp_path):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from kd_jax import models
 from kd_jax import teachers
-from kd_jax.train.experiment import create_model
+from kd_jax.models import create_compiled as create_model
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ Pooling is global, which equals RepDistiller's fixed pooling windows for 32x32 i
 PyTorch checkpoints: `kd_jax.models.torch_convert.from_torch_state_dict`.
 """
 
-from kd_jax.models._registry import available, create
+from kd_jax.models._registry import available, create, create_compiled
 # Importing the model modules registers their names.
 from kd_jax.models import digits, mobilenet_v1, mobilenetv2, resnet, shufflenet, text, vgg, wrn  # noqa: F401
 
-__all__ = ["available", "create"]
+__all__ = ["available", "create", "create_compiled"]

@@ -1,16 +1,16 @@
-"""Training: the train state, the loss-term registry, the distillation step, the loop, evaluation.
+"""Training: the train state, the loss terms, the distillation step, the loop, evaluation.
 
     state = TrainState.create(student, sgd(0.05, momentum=0.9, weight_decay=5e-4),
                               rng=jax.random.key(0))
     step = make_train_step("ce:0.1,kd:0.9(temperature=4)", teacher_graphdef=teacher.graphdef)
+    state = step.init(state, first_batch, teacher.variables, num_data=N)  # terms with state
     state, history = fit(state, step, batches_from, num_steps=..., workdir=...,
                          teacher_variables=teacher.variables)
 
-`kd_jax.train.experiment.run(config, workdir)` is the config-driven main job (see
-docs/training.md); it is not imported here to keep this package light.
+Loss terms are `LossTerm` objects (`kd_jax.train.terms`); the built-in ones register when this
+package is imported. The config-driven experiment drivers live in `experiments/`.
 """
 
-from kd_jax.train.crd import init_crd
 from kd_jax.train.evaluate import evaluate
 from kd_jax.train.evaluate import make_eval_step
 from kd_jax.train.loop import StopTraining
@@ -20,6 +20,7 @@ from kd_jax.train.state import TrainState
 from kd_jax.train.state import sgd
 from kd_jax.train.state import step_decay_schedule
 from kd_jax.train.step import make_train_step
+from kd_jax.train.terms import LossTerm
 from kd_jax.train.terms import Outputs
 from kd_jax.train.terms import Term
 from kd_jax.train.terms import TermContext
@@ -28,7 +29,7 @@ from kd_jax.train.terms import parse_terms
 from kd_jax.train.terms import register_term
 
 __all__ = [
-    "Outputs", "StopTraining", "Term", "TermContext", "TrainState", "evaluate", "fit", "init_crd",
+    "LossTerm", "Outputs", "StopTraining", "Term", "TermContext", "TrainState", "evaluate", "fit",
     "known_terms", "make_eval_step", "make_train_step", "parse_terms", "register_term", "sgd",
     "step_decay_schedule", "stop_after",
 ]

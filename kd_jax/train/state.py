@@ -2,10 +2,11 @@
 
 `TrainState` carries the student's parameters and batch statistics as `nnx.State` pytrees (split
 from an NNX module at the boundary), the optax optimizer state, the step counter, a PRNG key,
-`extra`: any further explicit, non-trained state a loss needs (for example CRD's memory banks),
-and `aux_params`: trainable parameters that belong to a loss rather than to the student (CRD's
-embedding heads). The optimizer updates `trainable()`: the student's parameters alone when
-`aux_params` is empty, else `{"student": params, "aux": aux_params}`. The graph
+and what the loss terms own (`kd_jax.train.terms`): `term_params`, {term name: trainable
+parameters} (FitNet's connector, CC's and CRD's heads), and `term_state`, {term name: non-trained
+state} (CRD's memory banks, the connector's batch statistics). The optimizer updates
+`trainable()`: the student's parameters alone when no term has parameters, else
+`{"student": params, "terms": term_params}`. The graph
 definition and the optax transformation are static (not leaves), so the state goes through
 `jax.jit`, `jax.shard_map`, `jax.pmap` and Orbax as a plain pytree.
 """
@@ -25,21 +26,21 @@ from flax import struct
 @struct.dataclass
 class TrainState:
   """Student state. Leaves: step, params, batch_stats (all non-Param variables), opt_state, rng,
-  extra, aux_params (empty unless a loss term trains its own parameters)."""
+  term_params and term_state (empty unless a loss term owns parameters or state)."""
 
   step: jax.Array
   params: nnx.State
   batch_stats: nnx.State
   opt_state: optax.OptState
   rng: jax.Array
-  extra: Any
-  aux_params: Any
+  term_params: Any
+  term_state: Any
   graphdef: nnx.GraphDef = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
   @classmethod
   def create(cls, model: nnx.Module, tx: optax.GradientTransformation, *, rng: jax.Array,
-             extra: Any = None, aux_params: Any = None) -> "TrainState":
+             term_params: Any = None, term_state: Any = None) -> "TrainState":
     """Splits `model` into graph definition, `nnx.Param` state and the rest (`batch_stats`:
     BatchNorm statistics and any other non-trainable variable).
 
@@ -47,32 +48,29 @@ class TrainState:
       model: the student NNX module (freshly initialised or pretrained).
       tx: the optax optimizer; its state is initialised on the parameters.
       rng: a `jax.random.key` carried in the state (split at every step).
-      extra: further state (pytree of arrays) the loss terms read and update, or None.
-      aux_params: trainable parameters of loss terms ({term name: pytree}), or None.
+      term_params: {term name: trainable parameters} of the loss terms, or None (usually filled
+        by `step.init`, see `kd_jax.train.make_train_step`).
+      term_state: {term name: non-trained state} of the loss terms, or None.
     """
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
-    aux_params = {} if aux_params is None else aux_params
+    term_params = {} if term_params is None else dict(term_params)
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(join_trainable(params, aux_params)), rng=rng,
-               extra={} if extra is None else extra, aux_params=aux_params,
+               opt_state=tx.init(join_trainable(params, term_params)), rng=rng,
+               term_params=term_params, term_state={} if term_state is None else dict(term_state),
                graphdef=graphdef, tx=tx)
 
   def trainable(self):
-    """What the optimizer updates: `params`, or {"student": params, "aux": aux_params}."""
-    return join_trainable(self.params, self.aux_params)
+    """What the optimizer updates: `params`, or {"student": params, "terms": term_params}."""
+    return join_trainable(self.params, self.term_params)
 
-  def with_aux(self, *, aux_params: Any = None, extra: Any = None) -> "TrainState":
-    """Adds a loss term's trainable parameters and state; the optimizer state is re-initialised
-    on the joint trainable tree (call before training starts).
-
-    Args:
-      aux_params: {term name: pytree} merged into `aux_params`.
-      extra: {key: pytree} merged into `extra`.
-    """
-    aux = {**self.aux_params, **(aux_params or {})}
-    new_extra = {**self.extra, **(extra or {})}
-    return self.replace(aux_params=aux, extra=new_extra,
-                        opt_state=self.tx.init(join_trainable(self.params, aux)))
+  def with_terms(self, *, params: Any = None, state: Any = None) -> "TrainState":
+    """Adds loss terms' trainable parameters and state ({term name: pytree} each, merged over
+    what is there); the optimizer state is re-initialised on the joint trainable tree, so call
+    it before training starts."""
+    term_params = {**self.term_params, **(params or {})}
+    term_state = {**self.term_state, **(state or {})}
+    return self.replace(term_params=term_params, term_state=term_state,
+                        opt_state=self.tx.init(join_trainable(self.params, term_params)))
 
   def model(self) -> nnx.Module:
     """The student as an NNX module (for evaluation or export)."""
@@ -83,19 +81,19 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def join_trainable(params, aux_params):
-  """The optimizer's tree: the student's `params` alone when `aux_params` is empty (so plain runs
-  keep their optimizer state layout), else {"student": params, "aux": aux_params}."""
-  if not aux_params:
+def join_trainable(params, term_params):
+  """The optimizer's tree: the student's `params` alone when `term_params` is empty (so plain
+  runs keep their optimizer state layout), else {"student": params, "terms": term_params}."""
+  if not term_params:
     return params
-  return {"student": params, "aux": aux_params}
+  return {"student": params, "terms": term_params}
 
 
-def split_trainable(trainable, aux_params):
-  """Inverse of `join_trainable` (`aux_params` only tells which layout is used)."""
-  if not aux_params:
-    return trainable, aux_params
-  return trainable["student"], trainable["aux"]
+def split_trainable(trainable, term_params):
+  """Inverse of `join_trainable` (`term_params` only tells which layout is used)."""
+  if not term_params:
+    return trainable, term_params
+  return trainable["student"], trainable["terms"]
 
 
 def sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,

@@ -10,16 +10,18 @@ gradients, batch statistics and metrics are averaged with `jax.lax.pmean`; with 
 the same step runs on one device. With `cached_teacher` the teacher's outputs come with the batch
 (`kd_jax.data.teacher_cache`) and the step runs no teacher at all.
 
-Loss terms with their own trainable parameters (`TrainState.aux_params`, e.g. CRD's embedding
-heads) are differentiated and updated together with the student (`TrainState.trainable()`); the
-state updates that stateful terms return (e.g. CRD's memory banks) are written into
-`TrainState.extra` after the optimizer update. Such terms combine their updates over the data-
-parallel axis themselves, so every replica holds the same `extra`.
+The teacher's outputs are put under `jax.lax.stop_gradient` here, once; no loss stops
+gradients itself. Loss terms own their parameters and state (`kd_jax.train.terms.LossTerm`):
+`step.init(state, batch, teacher_variables, num_data=N)` runs every term's `init` on the
+models' output shapes and stores the results in `TrainState.term_params` (differentiated and
+updated together with the student, `TrainState.trainable()`) and `TrainState.term_state`
+(replaced by what the term returns, after the optimizer update). Stateful terms combine their
+state over the data-parallel axis themselves, so every replica holds the same state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -28,7 +30,8 @@ from flax import nnx
 
 from kd_jax.parallel import BATCH_AXIS
 from kd_jax.train.state import TrainState, split_trainable
-from kd_jax.train.terms import Outputs, Term, TermContext, needs_teacher, parse_terms, run_terms
+from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, parse_terms
+from kd_jax.train.terms import run_terms
 
 
 def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
@@ -58,9 +61,9 @@ def cached_teacher_outputs(batch: Mapping[str, jax.Array], prefix: str = "teache
         f"cached_teacher={prefix!r}: the batch has no {logits_key!r} entry (keys: "
         f"{sorted(batch)}); attach the cache to the dataset with "
         "kd_jax.data.teacher_cache.attach.")
-  features = {k[len(prefix):]: jax.lax.stop_gradient(v) for k, v in batch.items()
+  features = {k[len(prefix):]: v for k, v in batch.items()
               if k.startswith(prefix) and k != logits_key}
-  return Outputs(jax.lax.stop_gradient(batch[logits_key]), features)
+  return Outputs(batch[logits_key], features)
 
 
 def _pmean_floats(tree, axis_name):
@@ -68,7 +71,7 @@ def _pmean_floats(tree, axis_name):
       lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
 
 
-def make_train_step(loss: str | Sequence[Term], *,
+def make_train_step(loss, *,
                     teacher_graphdef: nnx.GraphDef | None = None,
                     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
                     axis_name: str | None = BATCH_AXIS,
@@ -80,7 +83,8 @@ def make_train_step(loss: str | Sequence[Term], *,
   after its linear warm-up (`Term.weight_at`).
 
   Args:
-    loss: a loss spec such as "ce:0.1,kd:0.9" or parsed `Term`s (see `terms.parse_terms`).
+    loss: a loss spec such as "ce:0.1,kd:0.9", parsed `Term`s, a `LossTerm`, or a plain callable
+      `fn(ctx: TermContext) -> scalar` (see `terms.parse_terms`).
     teacher_graphdef: the teacher's graph definition (its variables are a step argument, so large
       teachers are not baked into the program as constants); None for training without a teacher
       (only terms such as "ce" are then allowed).
@@ -98,6 +102,9 @@ def make_train_step(loss: str | Sequence[Term], *,
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
     "loss" (the weighted total), "loss/<term>" (each unweighted term), "weight/<term>" (its
     current weight) and "accuracy" (student top-1 on the batch), all averaged over devices.
+    `step.terms` holds the parsed terms; `step.init(state, batch, teacher_variables=None, *,
+    num_data=None)` returns `state` with every term's parameters and state initialised (call it
+    once before training when a term owns any: fitnet, cc, crd).
 
   Raises:
     ValueError: an unknown term, or a term that needs a teacher when none is given.
@@ -110,33 +117,36 @@ def make_train_step(loss: str | Sequence[Term], *,
     raise ValueError(f"the loss {', '.join(map(str, terms))} needs a teacher "
                      "(teacher_graphdef is None and no cached_teacher).")
 
-  def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
-    x = batch[input_key]
-    teacher = None
+  def teacher_of(batch, teacher_variables):
     if teacher_graphdef is not None:
       if teacher_variables is None:
         raise ValueError("this step was built with a teacher: pass teacher_variables.")
-      teacher = teacher_outputs(teacher_graphdef, teacher_variables, x)
-    elif cached_teacher is not None:
+      return teacher_outputs(teacher_graphdef, teacher_variables, batch[input_key])
+    if cached_teacher is not None:
       if teacher_variables is not None:
         raise ValueError("this step reads the teacher from the batch (cached_teacher); "
                          "do not pass teacher_variables.")
-      teacher = cached_teacher_outputs(batch, cached_teacher)
+      return cached_teacher_outputs(batch, cached_teacher)
+    return None
+
+  def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
+    x = batch[input_key]
+    # The one place where the teacher is frozen: no loss stops gradients itself.
+    teacher = jax.lax.stop_gradient(teacher_of(batch, teacher_variables))
     rng, step_rng = jax.random.split(state.rng)
 
     def loss_fn(trainable):
-      params, aux_params = split_trainable(trainable, state.aux_params)
+      params, term_params = split_trainable(trainable, state.term_params)
       student, new_model_state = apply_model(state.graphdef, params, state.batch_stats, x,
                                              train=True)
-      ctx = TermContext(student=student, teacher=teacher, batch=batch, params=params,
-                        axis_name=axis_name, step=state.step, aux_params=aux_params,
-                        extra=state.extra, rng=step_rng)
-      values, extra_updates = run_terms(terms, ctx)
+      ctx = TermContext(student=student, teacher=teacher, batch=batch, student_params=params,
+                        axis_name=axis_name, step=state.step, rng=step_rng)
+      values, new_term_state = run_terms(terms, ctx, term_params, state.term_state)
       weights = {t.name: t.weight_at(state.step) for t in terms}
       total = sum(weights[t.name] * values[t.name] for t in terms)
-      return total, (values, weights, new_model_state, student.logits, extra_updates)
+      return total, (values, weights, new_model_state, student.logits, new_term_state)
 
-    grads, (values, weights, new_model_state, logits, extra_updates) = jax.grad(
+    grads, (values, weights, new_model_state, logits, new_term_state) = jax.grad(
         loss_fn, has_aux=True)(state.trainable())
     total = sum(weights[k] * values[k] for k in values)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -154,13 +164,29 @@ def make_train_step(loss: str | Sequence[Term], *,
       metrics = jax.lax.pmean(metrics, axis_name)
     trainable = state.trainable()
     updates, opt_state = state.tx.update(grads, state.opt_state, trainable)
-    params, aux_params = split_trainable(jax.tree.map(lambda p, u: p + u, trainable, updates),
-                                         state.aux_params)
+    params, term_params = split_trainable(
+        jax.tree.map(lambda p, u: p + u, trainable, updates), state.term_params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_model_state,
-                              opt_state=opt_state, rng=rng, aux_params=aux_params,
-                              extra={**state.extra, **extra_updates} if extra_updates
-                              else state.extra)
+                              opt_state=opt_state, rng=rng, term_params=term_params,
+                              term_state={**state.term_state, **new_term_state})
     return new_state, metrics
 
+  def init(state: TrainState, batch: Mapping[str, Any], teacher_variables=None, *,
+           num_data: int | None = None) -> TrainState:
+    """`state` with every term's `init(rng, student, teacher, num_data=...)` stored in
+    `term_params` / `term_state` and the optimizer state re-initialised on the joint tree. The
+    outputs are abstract (shapes of the models' outputs on `batch`); no model runs."""
+    def outputs(batch, teacher_variables):
+      x = batch[input_key]
+      student, _ = apply_model(state.graphdef, state.params, state.batch_stats, x, train=False)
+      return student, teacher_of(batch, teacher_variables)
+
+    student, teacher = jax.eval_shape(outputs, dict(batch), teacher_variables)
+    params, term_state = init_terms(terms, state.rng, student, teacher, num_data=num_data)
+    if not params and not term_state:
+      return state
+    return state.with_terms(params=params, state=term_state)
+
   step.terms = terms
+  step.init = init
   return step

@@ -11,7 +11,7 @@ from kd_jax.train import state as state_lib
 from kd_jax.train import step as step_lib
 from tests.train._toy import ToyNet, toy_batch
 
-LOSS = "ce:0.1,kd:0.9(temperature=4.0),fitnet:0.5(feature=embedding)"
+LOSS = "ce:0.1,kd:0.9(temperature=4.0),fitnet:0.5(feature=embedding,connector=false)"
 
 
 def _setup():

@@ -8,7 +8,7 @@ import pytest
 from experiments.configs import cifar100
 from experiments.configs import default
 from kd_jax import models
-from kd_jax.train import experiment
+from experiments import runner as experiment
 from kd_jax.train import terms
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(

@@ -9,7 +9,7 @@ from flax import nnx
 
 from kd_jax import losses
 from kd_jax import parallel
-from kd_jax.train import crd as crd_lib
+from kd_jax.train.terms import crd as crd_lib
 from kd_jax.train.state import TrainState
 from kd_jax.train.step import make_train_step
 from tests.train._toy import ToyNet, toy_batch
@@ -23,15 +23,17 @@ def _setup():
   t_graph, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
   student = ToyNet(width=8, rngs=nnx.Rngs(2))
   state = TrainState.create(student, optax.sgd(0.1, momentum=0.9), rng=jax.random.key(0))
-  state = crd_lib.init_crd(state, num_data=NUM_DATA, student_dim=8, teacher_dim=16,
-                           feat_dim=FEAT)
   perm = np.random.default_rng(0).permutation(NUM_DATA).astype(np.int32)
   batches = []
   for s in range(STEPS):
     b = toy_batch(B, seed=s)
     b["index"] = perm[(s * B) % NUM_DATA:(s * B) % NUM_DATA + B]
     batches.append(b)
-  return teacher, t_graph, {"params": t_params, "batch_stats": t_rest}, state, batches
+  t_vars = {"params": t_params, "batch_stats": t_rest}
+  # The term owns its heads and banks: step.init builds them from the output shapes.
+  state = make_train_step(LOSS, teacher_graphdef=t_graph, axis_name=None).init(
+      state, batches[0], t_vars, num_data=NUM_DATA)
+  return teacher, t_graph, t_vars, state, batches
 
 
 def _np_embed(head, x):
@@ -60,7 +62,7 @@ def test_term_value_memory_update_and_fixed_normalizers(scoring):
   # Independent quantities: heads in float64, the step's negatives (its key), old memory rows.
   _, fs = state.model()(batch["image"], train=True)
   _, ft = teacher(batch["image"], train=False)
-  heads, mem = state.aux_params["crd"], state.extra["crd"]
+  heads, mem = state.term_params["crd"], state.term_state["crd"]
   s, t = _np_embed(heads["student"], fs["embedding"]), _np_embed(heads["teacher"],
                                                                  ft["embedding"])
   idx = batch["index"]
@@ -76,7 +78,7 @@ def test_term_value_memory_update_and_fixed_normalizers(scoring):
   expected = np.sum(np.asarray(losses.crd(*args, **kw))) / (B - 1)
   np.testing.assert_allclose(metrics["loss/crd"], expected, rtol=2e-4)
   z = losses.crd_normalizers(*args, **kw)
-  got = new_state.extra["crd"]
+  got = new_state.term_state["crd"]
   np.testing.assert_allclose([got["z_s"], got["z_t"]], z, rtol=2e-4)
   assert bool(got["z_set"])
 
@@ -89,14 +91,14 @@ def test_term_value_memory_update_and_fixed_normalizers(scoring):
 
   # Both heads and the student were trained; the student's params alone still make a model.
   for who in ("student", "teacher"):
-    assert np.max(np.abs(new_state.aux_params["crd"][who]["kernel"] - heads[who]["kernel"])) > 0
+    assert np.max(np.abs(new_state.term_params["crd"][who]["kernel"] - heads[who]["kernel"])) > 0
   logits, _ = new_state.model()(batch["image"], train=False)
   assert logits.shape == (B, 10)
 
   # Second step: Z stays fixed.
   newer, _ = step(new_state, batches[1], t_vars)
-  np.testing.assert_array_equal(newer.extra["crd"]["z_s"], got["z_s"])
-  np.testing.assert_array_equal(newer.extra["crd"]["z_t"], got["z_t"])
+  np.testing.assert_array_equal(newer.term_state["crd"]["z_s"], got["z_s"])
+  np.testing.assert_array_equal(newer.term_state["crd"]["z_t"], got["z_t"])
 
 
 def test_missing_state_or_index_is_a_clear_error():
@@ -104,7 +106,7 @@ def test_missing_state_or_index_is_a_clear_error():
   plain = TrainState.create(ToyNet(width=8, rngs=nnx.Rngs(2)), optax.sgd(0.1),
                             rng=jax.random.key(0))
   step = make_train_step(LOSS, teacher_graphdef=t_graph, axis_name=None)
-  with pytest.raises(ValueError, match="init_crd"):
+  with pytest.raises(ValueError, match="step.init"):
     jax.eval_shape(step, plain, batches[0], t_vars)
   no_index = {k: v for k, v in batches[0].items() if k != "index"}
   with pytest.raises(ValueError, match="index"):
@@ -112,6 +114,8 @@ def test_missing_state_or_index_is_a_clear_error():
   with pytest.raises(ValueError, match="feat_dim"):
     jax.eval_shape(make_train_step("crd:1(feat_dim=128)", teacher_graphdef=t_graph,
                                    axis_name=None), state, batches[0], t_vars)
+  with pytest.raises(ValueError, match="num_data"):
+    make_train_step(LOSS, teacher_graphdef=t_graph, axis_name=None).init(plain, batches[0], t_vars)
 
 
 def _run_single(t_graph, t_vars, state, batches):
@@ -138,7 +142,7 @@ def _run_pmap(t_graph, t_vars, state, batches):
   for b in batches:
     state, metrics = step(state, parallel.split_for_pmap(b, N_DEV), t_vars)
   # Every replica holds the same bank.
-  for x in jax.tree.leaves(state.extra):
+  for x in jax.tree.leaves(state.term_state):
     x = np.asarray(x)
     assert all(np.array_equal(x[0], x[i]) for i in range(1, N_DEV))
   return parallel.unstack_from_pmap(state), parallel.unstack_from_pmap(metrics)
@@ -156,12 +160,12 @@ def test_shard_map_pmap_and_single_device_hold_the_same_bank():
   sharded, m2 = _run_shard_map(*_setup()[1:])
   pmapped, m3 = _run_pmap(*_setup()[1:])
   # The banks moved (otherwise agreement would be vacuous).
-  assert np.max(np.abs(np.asarray(single.extra["crd"]["memory_s"])
-                       - np.asarray(state0.extra["crd"]["memory_s"]))) > 1e-2
+  assert np.max(np.abs(np.asarray(single.term_state["crd"]["memory_s"])
+                       - np.asarray(state0.term_state["crd"]["memory_s"]))) > 1e-2
   for other in (sharded, pmapped):
-    _assert_close(other.extra, single.extra, 2e-5)
+    _assert_close(other.term_state, single.term_state, 2e-5)
     _assert_close(other.params, single.params, 2e-5)
-    _assert_close(other.aux_params, single.aux_params, 2e-5)
+    _assert_close(other.term_params, single.term_params, 2e-5)
     _assert_close(other.opt_state, single.opt_state, 2e-5)
   for k in ("loss", "loss/ce", "loss/crd"):
     np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5)

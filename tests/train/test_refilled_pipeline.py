@@ -13,9 +13,9 @@ from flax import nnx
 from kd_jax import models
 from kd_jax import teachers
 from kd_jax.data import class_splits
-from kd_jax.train import refilled
+from experiments import refilled_pipeline as refilled
 from kd_jax.train import terms as terms_lib
-from kd_jax.train.experiment import create_model
+from kd_jax.models import create_compiled as create_model
 from kd_jax.train.state import TrainState, sgd
 from kd_jax.train.step import apply_model, make_train_step
 
@@ -151,10 +151,10 @@ def test_classifier_term_needs_centres_and_validates():
   batch = {"image": jnp.zeros((4, 8, 8, 1)), "label": jnp.array([0, 1, 2, 0])}
   with pytest.raises(ValueError, match="with_class_centers"):
     step(state, batch, teacher.variables)
-  bad = make_train_step("refilled_classifier:1(centers=nearby)",
-                        teacher_graphdef=teacher.graphdef, axis_name=None)
+  # A bad option is refused when the spec is parsed, before anything runs.
   with pytest.raises(ValueError, match="centers must be 'global' or 'local'"):
-    bad(state, batch, teacher.variables)
+    make_train_step("refilled_classifier:1(centers=nearby)", teacher_graphdef=teacher.graphdef,
+                    axis_name=None)
   with pytest.raises(ValueError, match=r"\[num_classes, d\]"):
     refilled.with_class_centers(teacher, jnp.zeros((3,)))
 

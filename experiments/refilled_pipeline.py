@@ -1,8 +1,19 @@
-"""ReFilled's two-stage training: relationship matching, then the embedding-induced classifier.
+"""ReFilled's two-stage pipeline: teacher on classes A, student on classes B, stage 1 + stage 2
+vs the student alone (run it with `python -m experiments.refilled`).
 
-ReFilled (Ye, Lu, Zhan, TPAMI 2022 / CVPR 2020; official code `njulus/REFILLED`, METHODS.md
-section 2) distils a teacher trained on classes A into a student learning classes B, where B may
-equal, overlap or be disjoint from A. `run_setting` runs, for one class split and one seed:
+  python -m experiments.refilled --config=experiments/configs/refilled_digits.py \\
+      --workdir=./workdir/refilled_digits
+  python -m experiments.refilled --config=experiments/configs/refilled_cifar100.py \\
+      --config.student.model=wrn_16_2 --workdir=./workdir/refilled_cifar100_wrn_16_2
+  python -m experiments.refilled --config=experiments/configs/refilled_cub.py \\
+      --config.student.options.width_multiplier=0.5 --workdir=./workdir/refilled_cub_050
+
+Prints test accuracy (mean ± std over `config.seeds`) per class setting and writes
+`<workdir>/results.json` (summary and every run) and each run's own results.json, metrics,
+TensorBoard events and Orbax checkpoints under `<workdir>/<setting>/seed_<seed>/`. Restarted
+with the same workdir it resumes. See docs/refilled.md.
+
+In order, for one class split and one seed (`run_setting`):
 
 1. Teacher: restored frozen from its Orbax checkpoint if present, else trained with CE on A.
 2. Stage 1 (`"refilled_relationship:1"`): the student's backbone matches the teacher's triplet
@@ -13,13 +24,11 @@ equal, overlap or be disjoint from A. `run_setting` runs, for one class split an
 3. Stage 2 (`"ce:1,refilled_classifier:100"`): CE plus lambda x the KL between the teacher's
    embedding-induced classifier over the batch's classes and the student's restricted logits;
    with `centers="global"` the teacher's class centres are computed once over the student's
-   training data and travel, replicated, inside the teacher's variables (`with_class_centers`).
+   training data and travel, replicated, inside the teacher's variables
+   (`kd_jax.refilled.with_class_centers`).
 4. Baseline: the same initialisation and data order, CE only, stage 2's optimizer and length.
 5. Final evaluation (the only reads of the test split): teacher on A, stage-1 NCM, ReFilled and
-   the baseline on B; written to `<workdir>/results.json`.
-
-The loss terms `refilled_relationship` and `refilled_classifier` are registered with
-`kd_jax.train.terms.register_term`, so they compose with any other term in a loss spec.
+   the baseline on B.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -37,157 +46,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kd_jax import compile_options
 from kd_jax import data as data_lib
-from kd_jax import losses
 from kd_jax import parallel
 from kd_jax import teachers
 from kd_jax.data import class_splits
-from kd_jax.losses._numerics import l2_normalize
-from kd_jax.models import mobilenet_v1  # noqa: F401  (registers "mobilenet_v1" for the CUB runs)
+from kd_jax.models import create_compiled as create_model
+from kd_jax.refilled import embedding_class_centers, ncm_evaluate, with_class_centers
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.evaluate import evaluate, make_eval_step
-from kd_jax.train.experiment import create_model
 from kd_jax.train.state import TrainState, sgd, step_decay_schedule
 from kd_jax.train.step import make_train_step
-from kd_jax.train.terms import TermContext, masked_mean, register_term
-
-CENTERS_FEATURE = "class_centers"
-
-
-# ------------------------------------------------------------------------------------ terms
-
-
-def _feature(outputs, key: str, who: str):
-  if key not in outputs.features:
-    raise ValueError(f"{who} has no feature {key!r}; it returns {sorted(outputs.features)}.")
-  return outputs.features[key]
-
-
-@register_term("refilled_relationship")
-def _refilled_relationship(ctx: TermContext, feature: str = "embedding",
-                           teacher_feature: str | None = None, margin: float = 0.2,
-                           temperature: float = 4.0, tuples: bool = False,
-                           mode: str = "official", all_gather: bool = False):
-  """ReFilled stage 1, `losses.refilled_relationship` on the pooled embeddings (scalar).
-
-  Triplets are mined in the per-device batch, or in the global batch with `all_gather=true`
-  (embeddings, labels and mask all-gathered over the data axis first).
-  """
-  s = _feature(ctx.student, feature, "the student")
-  t = jax.lax.stop_gradient(_feature(ctx.teacher, teacher_feature or feature, "the teacher"))
-  labels, where = ctx.labels, ctx.where
-  if all_gather and ctx.axis_name is not None:
-    gather = lambda x: jax.lax.all_gather(x, ctx.axis_name, axis=0, tiled=True)  # noqa: E731
-    s, t, labels = gather(s), gather(t), gather(labels)
-    where = None if where is None else gather(where)
-  return losses.refilled_relationship(s, t, labels, margin=margin, temperature=temperature,
-                                      tuples=tuples, mode=mode, where=where)
-
-
-@register_term("refilled_classifier")
-def _refilled_classifier(ctx: TermContext, feature: str = "embedding", temperature: float = 2.0,
-                         centers: str = "global", distance: str = "squared"):
-  """ReFilled stage 2, `losses.refilled_classifier`, mean over valid rows.
-
-  centers="global" (official code): the teacher's dataset-level centres, read from the teacher's
-  feature "class_centers" (attach them with `with_class_centers`); centers="local" (CVPR paper):
-  in-batch centres with the `distance` ("squared" or "euclidean").
-  """
-  if centers not in ("global", "local"):
-    raise ValueError(f"refilled_classifier: centers must be 'global' or 'local', got {centers!r}.")
-  t = jax.lax.stop_gradient(_feature(ctx.teacher, feature, "the teacher"))
-  c = None
-  if centers == "global":
-    if CENTERS_FEATURE not in ctx.teacher.features:
-      raise ValueError("refilled_classifier(centers='global') needs the teacher's feature "
-                       f"{CENTERS_FEATURE!r}: wrap the teacher with "
-                       "kd_jax.train.refilled.with_class_centers, or use centers='local'.")
-    c = jax.lax.stop_gradient(ctx.teacher.features[CENTERS_FEATURE])
-  values = losses.refilled_classifier(ctx.student.logits, t, ctx.labels, centers=c,
-                                      temperature=temperature, distance=distance, where=ctx.where)
-  return masked_mean(values, ctx.where)
-
-
-# ------------------------------------------------------------------------------------ centres
-
-
-class ClassCenters(nnx.Variable):
-  """A teacher's class centres [C, d]: frozen state carried with its variables, never trained."""
-
-
-class TeacherWithCenters(nnx.Module):
-  """A teacher whose outputs also hold its class centres: features["class_centers"] = [C, d]."""
-
-  def __init__(self, teacher: nnx.Module, centers):
-    self.teacher = teacher
-    self.class_centers = ClassCenters(jnp.asarray(centers, jnp.float32))
-
-  def __call__(self, x, *, train: bool):
-    logits, features = self.teacher(x, train=train)
-    return logits, {**dict(features), CENTERS_FEATURE: self.class_centers.get_value()}
-
-
-def with_class_centers(teacher: teachers.FrozenTeacher, centers) -> teachers.FrozenTeacher:
-  """The frozen teacher with `centers` [C, d] attached to its non-parameter variables.
-
-  The centres then travel exactly as the teacher's weights do (an argument of the jitted step,
-  replicated over the devices) and reach the loss terms as the teacher's feature
-  "class_centers", so the train step needs no special case.
-  """
-  centers = jnp.asarray(centers, jnp.float32)
-  if centers.ndim != 2:
-    raise ValueError(f"centers must be [num_classes, d], got shape {centers.shape}.")
-  inner = nnx.merge(teacher.graphdef, teacher.variables["params"],
-                    teacher.variables["batch_stats"])
-  graphdef, params, rest = nnx.split(TeacherWithCenters(inner, centers), nnx.Param, ...)
-  return teachers.FrozenTeacher(
-      graphdef=graphdef, variables=jax.lax.stop_gradient({"params": params, "batch_stats": rest}),
-      model_name=teacher.model_name, num_classes=teacher.num_classes, path=teacher.path)
-
-
-@functools.lru_cache(maxsize=32)
-def _embed_fn(graphdef, input_key: str, feature: str):
-  def embed(variables, x):
-    model = nnx.merge(graphdef, variables["params"], variables["batch_stats"])
-    return model(x, train=False)[1][feature]
-
-  return compile_options.jit(embed)
-
-
-def embedding_class_centers(graphdef, variables, batches: Iterable[Mapping[str, Any]],
-                            num_classes: int, *, feature: str = "embedding",
-                            input_key: str = "image") -> jax.Array:
-  """Class centres of a model's embedding over a dataset: normalise(sum_batches class_sums).
-
-  `losses.class_sums` of the inference-mode embedding is accumulated batch by batch (rows with
-  a False "mask" left out), then L2-normalised (`losses.class_centers` over the whole set).
-  """
-  embed = _embed_fn(graphdef, input_key, feature)
-  total = None
-  for batch in batches:
-    e = embed(variables, jnp.asarray(batch[input_key]))
-    s = losses.class_sums(e, jnp.asarray(batch["label"]), num_classes, where=batch.get("mask"))
-    total = s if total is None else total + s
-  if total is None:
-    raise ValueError("embedding_class_centers got no batch.")
-  return l2_normalize(total)
-
-
-def ncm_evaluate(graphdef, variables, centers, batches: Iterable[Mapping[str, Any]], *,
-                 feature: str = "embedding", input_key: str = "image") -> float:
-  """NCM accuracy (`losses.ncm_predict` against `centers`) over the valid rows of `batches`."""
-  embed = _embed_fn(graphdef, input_key, feature)
-  correct = count = 0.0
-  for batch in batches:
-    pred = np.asarray(losses.ncm_predict(embed(variables, jnp.asarray(batch[input_key])),
-                                         centers))
-    valid = np.ones(pred.shape, bool) if batch.get("mask") is None else np.asarray(batch["mask"])
-    correct += float(np.sum((pred == np.asarray(batch["label"])) & valid))
-    count += float(np.sum(valid))
-  return correct / max(count, 1.0)
-
 
 # ------------------------------------------------------------------------------------ data
 
@@ -388,6 +257,10 @@ class _Runner:
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis)
+    if any(terms_lib.owns_variables(t.term) for t in step.terms):
+      example = jax.tree.map(lambda x: x[:1], next(iter(self.data.train(role))))
+      state = step.init(state, example, None if teacher is None else teacher.variables,
+                        num_data=self.data.num_train[role])
     return loop.fit(
         state, step, functools.partial(self.data.train, role), num_steps=num_steps,
         teacher_variables=None if teacher is None else teacher.variables, mode=self.mode,
@@ -615,3 +488,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       json.dump(out, f, indent=2)
     print(table(summary), flush=True)
   return out
+

@@ -1,7 +1,8 @@
-"""One distillation experiment from a config: teacher, then the same student under each method.
+"""The shared experiment runner: teacher, then the same student under each method, from a config.
 
 `run(config, workdir)` is what `python -m experiments.main` executes (configs in
-`experiments/configs/`). In order:
+`experiments/configs/`); `Runner` (mesh, dataset, evaluation, fitting with resumable
+checkpoints) is shared with the other entry points. In order:
 
 1. Validate everything that can be checked without training: model names, every method's loss
    spec, the teacher/student class counts, the global batch versus the device count.
@@ -33,7 +34,7 @@ from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax import parallel
 from kd_jax import teachers
-from kd_jax.train import crd as crd_lib
+from kd_jax.models import create_compiled as create_model
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.evaluate import evaluate, make_eval_step, predict_logits
@@ -148,23 +149,7 @@ def _model_options(cfg) -> dict[str, Any]:
   return dict(cfg.get("options", {}) or {})
 
 
-def create_model(name: str, *, num_classes: int, seed: int, **options) -> nnx.Module:
-  """`kd_jax.models.create` with its initialisers compiled as one program.
-
-  Eager initialisation dispatches (and on a fresh process compiles) every initialiser op one by
-  one; under `nnx.jit` the whole initialisation is one compilation, which is much faster.
-  """
-  return nnx.jit(lambda: models.create(name, num_classes=num_classes, rngs=nnx.Rngs(seed),
-                                       **options))()
-
-
-def _embedding_width(apply, x, feature: str) -> int:
-  """Width of `feature` of a model's (logits, features) output, from abstract evaluation."""
-  out = jax.eval_shape(lambda x: apply(x)[1][feature], x)
-  return int(out.shape[-1])
-
-
-class _Runner:
+class Runner:
   """Shared machinery of one experiment: mesh, dataset, evaluation, fitting."""
 
   def __init__(self, config, workdir):
@@ -188,16 +173,6 @@ class _Runner:
 
     return fn
 
-  def _init_crd(self, state, model, teacher, options):
-    if teacher is None:
-      raise ValueError("the crd term needs a teacher.")
-    x = jax.ShapeDtypeStruct((1,) + self.data.image_shape, jnp.float32)
-    feature = options.get("feature", "embedding")
-    student_dim = _embedding_width(lambda x: state.model()(x, train=False), x, feature)
-    teacher_dim = _embedding_width(teacher, x, options.get("teacher_feature") or feature)
-    return crd_lib.init_crd(state, num_data=self.data.num_train, student_dim=student_dim,
-                            teacher_dim=teacher_dim, feat_dim=int(options.get("feat_dim", 128)))
-
   def fit(self, name, model, cfg, loss, *, teacher=None, loss_options=None):
     spe = self.data.steps_per_epoch
     tx = _optimizer(cfg, spe)
@@ -205,9 +180,15 @@ class _Runner:
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis)
-    crd_terms = [t for t in step.terms if t.name == "crd"]
-    if crd_terms:  # heads, memory banks and normalisers join the state (kd_jax.train.crd)
-      state = self._init_crd(state, model, teacher, dict(crd_terms[0].options))
+    keys = {k for t in step.terms for k in t.term.batch_keys}
+    with_index = "index" in keys
+    # Terms that own parameters or state (connectors, heads, memory banks) initialise them from
+    # the models' output shapes on one example batch.
+    if any(terms_lib.owns_variables(t.term) for t in step.terms):
+      example = next(iter(self.data.train(0, with_index=with_index)))
+      state = step.init(state, jax.tree.map(lambda x: x[:1], example),
+                        None if teacher is None else teacher.variables,
+                        num_data=self.data.num_train)
     num_steps = _num_steps(cfg, spe)
     run_info = {"loss": [str(t) for t in step.terms], "model": cfg.model,
                 "model_options": {k: v for k, v in _model_options(cfg).items()},
@@ -218,7 +199,7 @@ class _Runner:
                 "dataset": self.data.name, "seed": int(self.config.seed)}
     eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
     return loop.fit(
-        state, step, functools.partial(self.data.train, with_index=bool(crd_terms)),
+        state, step, functools.partial(self.data.train, with_index=with_index),
         num_steps=num_steps,
         teacher_variables=None if teacher is None else teacher.variables, mode=self.mode,
         mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
@@ -227,7 +208,7 @@ class _Runner:
         eval_fn=self.eval_fn(state.graphdef, "val"), progress=self.progress, run_info=run_info)
 
 
-def _teacher(runner: _Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
+def _teacher(runner: Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
   """Restores the teacher from its checkpoint, or trains and saves it. Returns (teacher, trained)."""
   tcfg = config.teacher
   num_classes = int(tcfg.get("num_classes") or runner.data.num_classes)
@@ -248,7 +229,7 @@ def _teacher(runner: _Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
                                   **_model_options(tcfg)), True
 
 
-def _ptloss_epsilon(runner: _Runner, config, teacher) -> tuple[list, dict]:
+def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
   pcfg = config.get("ptloss", ml_collections.ConfigDict())
   if not pcfg.get("select", False):
     eps = np.atleast_1d(np.asarray(pcfg.get("epsilon", [0.0]), np.float32))
@@ -306,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.get("distributed", False):
     parallel.initialize_distributed()
   validate(config)
-  runner = _Runner(config, workdir)
+  runner = Runner(config, workdir)
   validate(config, num_classes=runner.data.num_classes)
   os.makedirs(runner.workdir, exist_ok=True)
 
