@@ -18,10 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kd_jax import checkpoint
 from kd_jax import compile_options
 from kd_jax import models
 
@@ -78,33 +78,8 @@ def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool 
   return path
 
 
-def _keystr(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def _flat(tree) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_keystr(p): v for p, v in leaves}
-
-
 def _check_against_metadata(path: str, target: Mapping[str, Any], metadata: Mapping[str, Any]):
-  want, have = _flat(target), _flat(metadata)
-  missing = sorted(set(want) - set(have))
-  extra = sorted(set(have) - set(want))
-  problems = []
-  if missing:
-    problems.append(f"arrays missing from the checkpoint (partial checkpoint?): {missing}")
-  if extra:
-    problems.append(f"arrays in the checkpoint that the model does not have: {extra}")
-  for key in sorted(set(want) & set(have)):
-    w, h = want[key], have[key]
-    h_shape, h_dtype = tuple(getattr(h, "shape", ())), getattr(h, "dtype", None)
-    if tuple(w.shape) != h_shape or (h_dtype is not None and np.dtype(h_dtype) != w.dtype):
-      problems.append(f"array {key!r}: checkpoint has shape {h_shape} dtype {h_dtype}, the model "
-                      f"expects shape {tuple(w.shape)} dtype {w.dtype}")
-  if problems:
-    raise ValueError(f"teacher checkpoint {path} does not match the model:\n  " +
-                     "\n  ".join(problems))
+  checkpoint.check_arrays(f"teacher checkpoint {path}", target, metadata, what="model")
 
 
 def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: int,

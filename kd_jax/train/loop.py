@@ -26,10 +26,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
+from kd_jax import checkpoint
 from kd_jax import compile_options
 from kd_jax import parallel
 from kd_jax.train.state import TrainState
@@ -54,37 +54,9 @@ def stop_after(num_steps: int) -> Hook:
   return hook
 
 
-# ---------------------------------------------------------------------- checkpoint codec
-
-def _is_key(x) -> bool:
-  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _to_saveable(state: TrainState) -> dict[str, Any]:
-  """The state's leaves as {"000000": array, ...}; PRNG keys as their raw key data."""
-  leaves = jax.tree.leaves(state)
-  return {f"{i:06d}": (jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
-
-
-def _from_saved(template: TrainState, saved: Mapping[str, Any]) -> TrainState:
-  leaves, treedef = jax.tree.flatten(template)
-  out = []
-  for i, t in enumerate(leaves):
-    x = saved[f"{i:06d}"]
-    out.append(jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x)
-  return jax.tree.unflatten(treedef, out)
-
-
-def _abstract_saveable(state: TrainState, sharding) -> dict[str, Any]:
-  def abstract(x):
-    x = jax.random.key_data(x) if _is_key(x) else x
-    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=sharding)
-
-  return {k: abstract(v) for k, v in zip(_to_saveable(state).keys(), jax.tree.leaves(state))}
-
-
 class Checkpointer:
-  """Orbax `CheckpointManager` of the student state under `<workdir>/checkpoints`."""
+  """Orbax `CheckpointManager` of the student state under `<workdir>/checkpoints`, every array
+  under its key path in the state (`kd_jax.checkpoint`, the codec teachers use too)."""
 
   def __init__(self, directory: str, *, every: int, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
@@ -103,40 +75,28 @@ class Checkpointer:
   def save(self, step: int, state: TrainState) -> None:
     """Writes `state` (whose step is `step`) unless that step is already saved."""
     if step not in self.manager.all_steps():
-      self.manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)), force=True)
+      self.manager.save(step, args=ocp.args.StandardSave(checkpoint.to_saveable(state)),
+                        force=True)
       self.manager.wait_until_finished()
 
   def restore(self, template: TrainState, sharding=None) -> TrainState:
     """Restores the latest checkpoint into the structure (and sharding) of `template`.
 
     Raises:
-      ValueError: the checkpoint's arrays differ in number, shape or dtype from the template's
-        (a workdir written by another config), naming the checkpoint and the first differing
-        arrays by their path in the state.
+      ValueError: the checkpoint's arrays differ in key path, shape or dtype from the
+        template's (a workdir written by another config), naming the checkpoint and the first
+        differing arrays by their path in the state.
     """
     step = self.manager.latest_step()
-    where = f"{self.directory}/{step}"
-    target = _abstract_saveable(template, sharding)
+    where = f"checkpoint {self.directory}/{step}"
+    target = checkpoint.abstract_saveable(template, sharding)
     meta = self.manager.item_metadata(step)
     saved = dict(getattr(meta, "tree", meta) or {})
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
-    problems = []
-    if set(saved) != set(target):
-      problems.append(f"the checkpoint holds {len(saved)} arrays, this run's state {len(target)}")
-    for (key, want), path in zip(target.items(), paths):
-      have = saved.get(key)
-      if have is not None and (tuple(have.shape) != tuple(want.shape) or
-                               np.dtype(have.dtype) != np.dtype(want.dtype)):
-        problems.append(f"state{path}: checkpoint {tuple(have.shape)} {have.dtype} vs this run "
-                        f"{tuple(want.shape)} {want.dtype}")
-      if len(problems) >= 4:
-        break
-    if problems:
-      raise ValueError(f"checkpoint {where} does not match this run's state (was the workdir "
-                       "written with another model, loss or optimizer? use a fresh workdir): " +
-                       "; ".join(problems))
+    checkpoint.check_arrays(where, target, saved, what="state of this run",
+                            hint=" (was the workdir written with another model, loss or "
+                            "optimizer? use a fresh workdir)")
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    return _from_saved(template, restored)
+    return checkpoint.from_saveable(template, restored)
 
   def close(self):
     self.manager.close()
