@@ -120,7 +120,9 @@ class FitNet(LossTerm):
       raise ValueError("loss term 'fitnet' has no connector parameters: initialise the terms "
                        "with step.init(state, batch, ...) before training (or pass "
                        "connector=false for same-shaped maps).")
-    reg = nnx.merge(_graphdef(s.shape, t.shape), ctx.params, ctx.state)
+    # Fresh Variable objects owned by the current trace (batch norm updates its statistics).
+    params, state = jax.tree.map(lambda v: v, (ctx.params, ctx.state))
+    reg = nnx.merge(_graphdef(s.shape, t.shape), params, state)
     y = reg(s, train=True, mask=ctx.where)
     new_state = nnx.state(reg, nnx.BatchStat)
     if ctx.axis_name is not None:
