@@ -71,7 +71,7 @@ def run_kd_jax(g, method, *, tx=None, edit_student=None):
   from kd_jax import train
   from kd_jax.data import augment
   from kd_jax.models import torch_convert
-  from kd_jax.train import crd as crd_lib
+  from kd_jax.train.terms import crd as crd_lib
 
   num_classes = _meta(g, "num_classes")
   student = torch_convert.model_from_torch_state_dict(
@@ -85,18 +85,19 @@ def run_kd_jax(g, method, *, tx=None, edit_student=None):
   if tx is None:
     tx = train.sgd(_meta(g, "lr"), momentum=_meta(g, "momentum"),
                    weight_decay=_meta(g, "weight_decay"))
-  aux = extra = None
+  term_params = term_state = None
   if method == "crd":
-    aux, extra = crd_lib.init_crd(jax.random.key(_meta(g, "crd_seed")),
-                                  num_data=_meta(g, "num_data"), student_dim=64, teacher_dim=64,
-                                  feat_dim=_meta(g, "feat_dim"))
-    # The values the PyTorch side started from (written by the generator from the same call).
-    aux = {"crd": {who: {k: g[f"crd/init/{who}_{k}"] for k in ("kernel", "bias")}
-                   for who in ("student", "teacher")}}
-    extra = {"crd": {**extra["crd"], "memory_s": g["crd/init/memory_s"],
-                     "memory_t": g["crd/init/memory_t"]}}
+    _, crd_state = crd_lib.init_crd_state(
+        jax.random.key(_meta(g, "crd_seed")), num_data=_meta(g, "num_data"), student_dim=64,
+        teacher_dim=64, feat_dim=_meta(g, "feat_dim"))
+    # The heads and banks the PyTorch side started from (the generator took them from the same
+    # call); Z unset, as `init_crd_state` leaves it.
+    term_params = {"crd": {who: {k: g[f"crd/init/{who}_{k}"] for k in ("kernel", "bias")}
+                           for who in ("student", "teacher")}}
+    term_state = {"crd": {**crd_state, "memory_s": g["crd/init/memory_s"],
+                          "memory_t": g["crd/init/memory_t"]}}
   state = train.TrainState.create(student, tx, rng=jax.random.key(_meta(g, "rng_seed")),
-                                  aux_params=aux, extra=extra)
+                                  term_params=term_params, term_state=term_state)
   step = jax.jit(train.make_train_step(_meta(g, f"spec/{method}"), teacher_graphdef=t_graph,
                                        axis_name=None))
   transform = augment.cifar_eval_transform("cifar100")
@@ -114,7 +115,7 @@ def run_kd_jax(g, method, *, tx=None, edit_student=None):
     out[f"loss_{TERM[method]}"].append(float(metrics[f"loss/{TERM[method]}"]))
   out["student"] = nnx.state(nnx.merge(state.graphdef, state.params, state.batch_stats))
   if method == "crd":
-    heads, mem = state.aux_params["crd"], state.extra["crd"]
+    heads, mem = state.term_params["crd"], state.term_state["crd"]
     out["crd"] = {
         "embed_s.linear.weight": np.asarray(heads["student"]["kernel"]).T,
         "embed_s.linear.bias": np.asarray(heads["student"]["bias"]),
