@@ -120,8 +120,8 @@ class FitNet(LossTerm):
       raise ValueError("loss term 'fitnet' has no connector parameters: initialise the terms "
                        "with step.init(state, batch, ...) before training (or pass "
                        "connector=false for same-shaped maps).")
-    # Fresh Variable objects owned by the current trace (batch norm updates its statistics).
-    params, state = jax.tree.map(lambda v: v, (ctx.params, ctx.state))
+    # Copies: batch norm updates its statistics in place, and the inputs must stay untouched.
+    params, state = jax.tree.map(lambda x: jnp.array(x, copy=True), (ctx.params, ctx.state))
     reg = nnx.merge(_graphdef(s.shape, t.shape), params, state)
     y = reg(s, train=True, mask=ctx.where)
     new_state = nnx.state(reg, nnx.BatchStat)
