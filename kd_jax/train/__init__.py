@@ -19,7 +19,10 @@ from kd_jax.train.loop import stop_after
 from kd_jax.train.state import TrainState
 from kd_jax.train.state import sgd
 from kd_jax.train.state import step_decay_schedule
+from kd_jax.train.step import make_multi_student_step
 from kd_jax.train.step import make_train_step
+from kd_jax.train.step import stack_states
+from kd_jax.train.step import unstack_state
 from kd_jax.train.terms import LossTerm
 from kd_jax.train.terms import Outputs
 from kd_jax.train.terms import Term
@@ -30,6 +33,6 @@ from kd_jax.train.terms import register_term
 
 __all__ = [
     "LossTerm", "Outputs", "StopTraining", "Term", "TermContext", "TrainState", "evaluate", "fit",
-    "known_terms", "make_eval_step", "make_train_step", "parse_terms", "register_term", "sgd",
-    "step_decay_schedule", "stop_after",
+    "known_terms", "make_eval_step", "make_multi_student_step", "make_train_step", "parse_terms",
+    "register_term", "sgd", "stack_states", "step_decay_schedule", "stop_after", "unstack_state",
 ]

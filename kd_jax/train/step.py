@@ -21,7 +21,7 @@ state over the data-parallel axis themselves, so every replica holds the same st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -130,9 +130,13 @@ def make_train_step(loss, *,
     return None
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
-    x = batch[input_key]
     # The one place where the teacher is frozen: no loss stops gradients itself.
     teacher = jax.lax.stop_gradient(teacher_of(batch, teacher_variables))
+    return update(state, batch, teacher)
+
+  def update(state: TrainState, batch: Mapping[str, jax.Array], teacher: Outputs | None):
+    """The student's update given the (frozen) teacher outputs of this batch."""
+    x = batch[input_key]
     rng, step_rng = jax.random.split(state.rng)
 
     def loss_fn(trainable):
@@ -189,4 +193,79 @@ def make_train_step(loss, *,
 
   step.terms = terms
   step.init = init
+  step.update = update
+  step.teacher_of = teacher_of
+  return step
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """One `TrainState` whose every leaf has a leading axis of `len(states)` (for
+  `make_multi_student_step`); the states must share the model structure and the optimizer."""
+  states = list(states)
+  if not states:
+    raise ValueError("stack_states needs at least one state.")
+  # The first state's graph definition and optimizer are used for all (equal optimizers built
+  # separately are different objects, so tree structures are compared by their leaves).
+  leaves = [jax.tree.leaves(s) for s in states]
+  shapes = [[(jnp.shape(x), x.dtype) for x in ls] for ls in leaves]
+  for i, sh in enumerate(shapes[1:], 1):
+    if sh != shapes[0]:
+      raise ValueError(f"state {i} differs from state 0 in its arrays (another model, optimizer "
+                       "or loss terms); only equal students can be stacked.")
+  return jax.tree.unflatten(jax.tree.structure(states[0]),
+                            [jnp.stack(xs) for xs in zip(*leaves)])
+
+
+def unstack_state(stacked: TrainState, index: int) -> TrainState:
+  """Student `index` of a stacked state (the inverse of `stack_states`)."""
+  return jax.tree.map(lambda x: x[index], stacked)
+
+
+def make_multi_student_step(methods: Mapping[str, Any], *,
+                            teacher_graphdef: nnx.GraphDef | None = None,
+                            loss_options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
+                            = None, axis_name: str | None = BATCH_AXIS, input_key: str = "image",
+                            cached_teacher: str | None = None) -> Callable[..., tuple[dict, dict]]:
+  """Many students per teacher forward: every method's students trained in one program.
+
+  A KD table is many students (methods x seeds) distilled from one teacher on the same data.
+  This step runs the teacher once per batch and updates, for each method, a stack of students
+  (`stack_states`: one per seed or hyperparameter draw, vmapped) with that method's loss; the
+  methods are a static list, so they may use different terms. Each student's update is exactly
+  `make_train_step(spec, ...)`'s on the same batch (tests/train/test_multi_student.py).
+
+  Args:
+    methods: {method name: loss spec} (as `make_train_step`'s `loss`).
+    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`.
+    loss_options: {method name: per-term options} (optional).
+
+  Returns:
+    `step(states, batch, teacher_variables=None) -> (states, metrics)` with `states` a dict
+    {method: stacked TrainState} and metrics {"<method>/<metric>": [num_students]}.
+    `step.steps` holds each method's `make_train_step` (its `.terms` and `.init`).
+  """
+  loss_options = dict(loss_options or {})
+  unknown = sorted(set(loss_options) - set(methods))
+  if unknown:
+    raise ValueError(f"loss_options for unknown method(s) {unknown}; methods: {sorted(methods)}.")
+  steps = {name: make_train_step(spec, teacher_graphdef=teacher_graphdef,
+                                 loss_options=loss_options.get(name), axis_name=axis_name,
+                                 input_key=input_key, cached_teacher=cached_teacher)
+           for name, spec in methods.items()}
+  if not steps:
+    raise ValueError("make_multi_student_step needs at least one method.")
+  any_step = next(iter(steps.values()))
+
+  def step(states: Mapping[str, TrainState], batch, teacher_variables=None):
+    if set(states) != set(steps):
+      raise ValueError(f"states hold methods {sorted(states)}, the step {sorted(steps)}.")
+    teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
+    new_states, metrics = {}, {}
+    for name, sub in steps.items():
+      new_states[name], m = jax.vmap(sub.update, in_axes=(0, None, None))(
+          states[name], batch, teacher)
+      metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    return new_states, metrics
+
+  step.steps = steps
   return step
