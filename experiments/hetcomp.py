@@ -1,18 +1,24 @@
 """HetComp end to end on MovieLens: teachers, sparse knowledge, distillation, one results table.
 
-    python -m experiments.hetcomp --data=../shared/data/ml-100k [--out=DIR] [--quick]
+  python -m experiments.hetcomp --config=experiments/configs/hetcomp.py \\
+      --config.data_dir=../shared/data/ml-100k --config.out=results/hetcomp
+  python -m experiments.hetcomp --config.data_dir=../shared/data/ml-100k --config.quick=True
+  python -m experiments.hetcomp --config.merge=r0/results.json,r1/results.json --config.out=merged
+
+The config (experiments/configs/hetcomp.py, the default) holds every option; `--workdir` is where
+the teacher trajectories are saved (default: a temporary directory, removed at the end). The
+ratings are read where they are (`config.data_dir`), never copied. See docs/hetcomp.md.
 
 For each seed: split (60/20/20, seeded), train the six teachers saving 4-checkpoint Orbax
-trajectories, evaluate them, train the student alone (BPR), build the sparse top-100 knowledge
-from the restored checkpoints, evaluate the ensemble, then distil with all-at-once ensemble KD,
-HetComp, and HetComp with each of our two dissensus debiasing strategies. Prints Recall@10/50,
-NDCG@10/50 and popularity lift (top-10) as mean +- standard deviation over the seeds; `--out`
-writes `results.json` (one record per method, each metric with its spread).
+trajectories, evaluate them, train the student alone (BPR), build the sparse top-100 knowledge from
+the restored checkpoints, evaluate the ensemble, then distil with all-at-once ensemble KD, HetComp,
+and HetComp with each of our two dissensus debiasing strategies. Prints Recall@10/50, NDCG@10/50
+and popularity lift (top-10) as mean +- standard deviation over the seeds; `config.out` names a
+directory for `results.json` (one record per method, each metric with its spread).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,37 +34,21 @@ TEACHER_LABELS = {"mf": "Teacher BPR-MF", "cml": "Teacher CML", "neumf": "Teache
                   "iae": "Teacher item-AE"}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data", default=None,
-                 help="directory (or file) with GroupLens ratings: u.data, ratings.csv or "
-                      "ratings.dat, e.g. ../shared/data/ml-100k")
-  p.add_argument("--out", default=None, help="directory for results.json")
-  p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..n-1)")
-  p.add_argument("--seed_list", default=None,
-                 help="comma-separated seeds to run instead of 0..n-1 (e.g. to run seeds in "
-                      "parallel processes; combine them with --merge)")
-  p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
-                 help="print (and with --out write) the table of several results.json files")
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: 1 seed, short teacher training and distillation")
-  p.add_argument("--workdir", default=None,
-                 help="where teacher trajectories are saved (default: a temporary directory)")
-  p.add_argument("--max_epochs", type=int, default=None, help="distillation epoch cap")
-  p.add_argument("--period", type=int, default=None, help="DKC period p (default 5)")
-  p.add_argument("--split_seed", type=int, default=0,
-                 help="seed of the 60/20/20 split (fixed; --seeds vary the models' seeds)")
-  p.add_argument("--official_batching", action="store_true",
-                 help="the official 1024-interaction batches at lr 1e-3 (slow on CPU)")
-  return p.parse_args(argv)
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "hetcomp.py")
+
+
+class ConfigError(ValueError):
+  """A missing or unreadable `config.data_dir` (the command line prints it without a trace)."""
 
 
 def _load(path):
-  from kd_jax.recsys import data
+  """The GroupLens interactions at `path`; a bad path is a `ConfigError` naming the field."""
+  from kd_jax.recsys import data  # pylint: disable=g-import-not-at-top
   try:
     return data.read_grouplens(path)
   except ValueError as e:
-    sys.exit(f"error: --data: {e}")
+    raise ConfigError(f"config.data_dir: {e}") from None
 
 
 def summarize(per_seed: dict[str, list[dict]]) -> list[dict]:
@@ -89,7 +79,7 @@ def format_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_seed(inter, seed, workdir, args, bar):
+def run_seed(inter, seed, workdir, config, bar):
   """Every method for one seed: {method name: test metrics}."""
   import jax.numpy as jnp
   from kd_jax.recsys import data, distill, knowledge, metrics, student, teachers
@@ -98,10 +88,10 @@ def run_seed(inter, seed, workdir, args, bar):
     bar.set_postfix_str(f"seed {seed}: {msg}"[:70], refresh=False)
     bar.refresh()
 
-  split = data.split_per_user(inter, seed=args.split_seed)
+  split = data.split_per_user(inter, seed=config.split_seed)
   ctx = teachers.make_context(split)
   specs = dict(teachers.DEFAULT_SPECS)
-  if args.quick:
+  if config.quick:
     specs = {k: dataclasses.replace(s, epochs=max(4, s.epochs // 8)) for k, s in specs.items()}
   results = {}
   scorers = []
@@ -116,7 +106,7 @@ def run_seed(inter, seed, workdir, args, bar):
 
   # Student alone: BPR on MF(dim 6); its best-validation checkpoint is reported.
   note("student alone (BPR)")
-  bspec = student.bpr_student_spec(epochs=8 if args.quick else 64)
+  bspec = student.bpr_student_spec(epochs=8 if config.quick else 64)
   traj = teachers.train_teacher("mf", split, os.path.join(workdir, f"seed{seed}", "student"),
                                 seed=seed, spec=bspec, ctx=ctx, progress=note)
   best = None
@@ -141,17 +131,18 @@ def run_seed(inter, seed, workdir, args, bar):
   bar.update(1)
 
   # CPU budget (our deviation, docs/hetcomp.md): every user once per epoch in batches of 256,
-  # lr 1e-2, DKC and evaluation every 5 epochs. --official_batching restores METHODS.md 3.5.
+  # lr 1e-2, DKC and evaluation every 5 epochs. official_batching=True restores the official
+  # code's 1024-interaction batches at lr 1e-3 (`DistillConfig`'s defaults).
   base = distill.DistillConfig(seed=seed, batching="users", batch_size=256, lr=1e-2, period=5,
                                eval_every=5, max_epochs=300)
-  if args.official_batching:
+  if config.official_batching:
     base = distill.DistillConfig(seed=seed)
-  if args.quick:
+  if config.quick:
     base = dataclasses.replace(base, max_epochs=20, period=2, eval_every=2, patience=3)
-  if args.max_epochs is not None:
-    base = dataclasses.replace(base, max_epochs=args.max_epochs)
-  if args.period is not None:
-    base = dataclasses.replace(base, period=args.period)
+  if config.max_epochs is not None:
+    base = dataclasses.replace(base, max_epochs=config.max_epochs)
+  if config.period is not None:
+    base = dataclasses.replace(base, period=config.period)
   runs = [("All-at-once ensemble KD", dataclasses.replace(base, method="all_at_once")),
           ("HetComp", base),
           ("HetComp + dissensus rerank (ours)", dataclasses.replace(base, debias="rerank")),
@@ -185,25 +176,30 @@ def merge(paths, out=None):
   return records
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  if args.merge:
-    return merge(args.merge, args.out)
-  if args.data is None:
-    sys.exit("error: --data is required (a directory with u.data / ratings.csv / ratings.dat)")
-  inter = _load(args.data)
-  from tqdm import tqdm
-  seed_ids = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
-              else list(range(1 if args.quick else args.seeds)))
+def run(config, workdir: str = ""):
+  """The whole experiment for one config (experiments/configs/hetcomp.py): the records printed.
+
+  `workdir` holds the teacher trajectories ("": a temporary directory). Raises `ConfigError` (a
+  `ValueError`) for a missing or unreadable `config.data_dir`.
+  """
+  if config.merge:
+    return merge([p for p in config.merge.split(",") if p], config.out or None)
+  if not config.data_dir:
+    raise ConfigError("config.data_dir is required (a directory with u.data / ratings.csv / "
+                     "ratings.dat, e.g. --config.data_dir=../shared/data/ml-100k)")
+  inter = _load(config.data_dir)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  seed_ids = ([int(x) for x in config.seed_list.split(",")] if config.seed_list
+              else list(range(1 if config.quick else config.seeds)))
   seeds = len(seed_ids)
   stages = len(TEACHER_LABELS) + 2 + 4
   order, per_seed, extra = [], {}, {}
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
-    workdir = args.workdir or tmp
+    workdir = workdir or tmp
     with tqdm(total=seeds * stages, desc="hetcomp", file=sys.stderr) as bar:
       for done, seed in enumerate(seed_ids):
-        res = run_seed(inter, seed, workdir, args, bar)
+        res = run_seed(inter, seed, workdir, config, bar)
         for k, v in res.items():
           if k not in per_seed:
             order.append(k)
@@ -214,20 +210,20 @@ def main(argv=None):
                                                                "dkc_finished")})
         bar.write(f"seed {seed} done ({(time.time() - t0) / 60:.1f} min):\n"
                   + format_table(summarize({k: [res[k]] for k in res})))
-        if args.out:  # partial results after every seed
-          _write(args.out, done + 1, args.quick, time.time() - t0,
+        if config.out:  # partial results after every seed
+          _write(config.out, done + 1, config.quick, time.time() - t0,
                  summarize({k: per_seed[k] for k in order}))
   records = summarize({k: per_seed[k] for k in order})
   for r in records:
     if r["method"] in extra:
       r["runs"] = extra[r["method"]]
   elapsed = time.time() - t0
-  print(f"\nHetComp on {os.path.basename(os.path.normpath(args.data))}: test metrics, "
+  print(f"\nHetComp on {os.path.basename(os.path.normpath(config.data_dir))}: test metrics, "
         f"mean ± std over {seeds} seed(s); popularity lift of the top-10 in %")
   print(format_table(records))
   print(f"total time {elapsed / 60:.1f} min")
-  if args.out:
-    _write(args.out, seeds, args.quick, elapsed, records)
+  if config.out:
+    _write(config.out, seeds, config.quick, elapsed, records)
   return records
 
 
@@ -239,5 +235,36 @@ def _write(out, seeds, quick, seconds, records):
               indent=2)
 
 
+def _define_flags():
+  """--config (an ml_collections file, `--config.key=value` overrides) and --workdir.
+
+  Defined only when run as a program, so that importing this module (the tests do) leaves the
+  global absl flags alone.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", "", "Where the teacher trajectories are saved (Orbax "
+                      "checkpoints); default: a temporary directory, removed at the end.")
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "A HetComp config "
+                                  "(experiments/configs/hetcomp.py).", lock_config=True)
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except ConfigError as e:  # a bad data path: a clear message, no trace
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,19 +1,67 @@
-"""The HetComp experiment's command line: clear data-path errors and the mean/spread table."""
+"""The HetComp experiment's entry point: config defaults, clear data-path errors, the table."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from experiments import hetcomp
+from experiments.configs import hetcomp as hetcomp_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_config_keeps_the_former_command_line_defaults():
+  c = hetcomp_config.get_config()
+  # The argparse defaults before the move to ml_collections, written out by hand.
+  want = {"data_dir": "", "out": "", "seeds": 3, "seed_list": "", "merge": "", "quick": False,
+          "max_epochs": None, "period": None, "split_seed": 0, "official_batching": False}
+  assert c.to_dict() == want
 
 
 def test_missing_or_malformed_data_path_is_a_clear_error(tmp_path):
-  with pytest.raises(SystemExit, match="does not exist"):
-    hetcomp.main([f"--data={tmp_path / 'missing'}"])
+  c = hetcomp_config.get_config()
+  with pytest.raises(ValueError, match="config.data_dir is required"):
+    hetcomp.run(c)
+  c.data_dir = str(tmp_path / "missing")
+  with pytest.raises(ValueError, match="config.data_dir: .*does not exist"):
+    hetcomp.run(c)
   (tmp_path / "u.data").write_text("1\t2\tfive\t0\n")
-  with pytest.raises(SystemExit, match="Malformed GroupLens line 1"):
-    hetcomp.main([f"--data={tmp_path}"])
+  c.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match="Malformed GroupLens line 1"):
+    hetcomp.run(c)
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.hetcomp", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_command_line_flags(tmp_path):
+  proc = _cli("--config=experiments/configs/hetcomp.py",
+              f"--config.data_dir={tmp_path / 'missing'}", f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 1, proc.stderr
+  assert "error: config.data_dir: " in proc.stderr and "does not exist" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = _cli("--data=../shared/data/ml-100k")  # the former flag is gone
+  assert proc.returncode != 0 and "data" in proc.stderr
+  # --config.merge runs without data: two one-seed files give the two-seed table.
+  for i, v in enumerate((0.1, 0.3)):
+    hetcomp._write(str(tmp_path / f"r{i}"), 1, False, 1.0,
+                   hetcomp.summarize({"A": [dict.fromkeys(hetcomp.METRICS, v)]}))
+  proc = _cli("--config.merge=" + ",".join(str(tmp_path / f"r{i}" / "results.json")
+                                           for i in range(2)),
+              f"--config.out={tmp_path / 'm'}")
+  assert proc.returncode == 0, proc.stderr
+  assert "merged 2 file(s)" in proc.stdout and "± 0.1000" in proc.stdout
+  blob = json.loads((tmp_path / "m" / "results.json").read_text())
+  assert blob["records"][0]["seeds"] == 2
+  assert blob["records"][0]["recall@10"] == pytest.approx(0.2)
 
 
 def test_summary_spread_and_merge(tmp_path):
