@@ -236,9 +236,9 @@ def crd_from_scores(student_scores, teacher_scores, *, num_data: int, normalizer
                     where=None):
   """`crd` from precomputed scores: the NCE part alone.
 
-  For callers that score the memory bank their own way (e.g. `kd_jax.train.crd`, which computes
-  `<memory, anchor>` for the whole bank with one matrix product when that is cheaper than
-  gathering `[B, K, d]` rows).
+  For callers that score the memory bank their own way (e.g. the `crd` term,
+  `kd_jax.train.terms.crd`, which computes `<memory, anchor>` for the whole bank with one matrix
+  product when that is cheaper than gathering `[B, K, d]` rows).
 
   Args:
     student_scores: `[B, K + 1]` float, `<row, student anchor> / T` against the teacher-side
