@@ -11,9 +11,13 @@ checkpoints) is shared with the other entry points. In order:
    Its outputs are checked (finite, right class count) before any student step.
 3. PTLoss coefficients: selected on the validation split with `kd_jax.ptloss.select_coefficients`
    (or a fixed `config.ptloss.epsilon`).
-4. Each method in `config.methods` (name -> loss spec) trains the student from the same seed and
-   the same data order, with its own checkpoints under `<workdir>/students/<name>`, resumable.
-5. Test accuracy per method is printed as a table and written to `<workdir>/results.json`.
+4. Students: for every method in `config.methods` (name -> loss spec) and every seed in
+   `config.seeds`, the student initialised from that seed, all trained in one program with one
+   teacher forward per batch (`kd_jax.train.make_multi_student_step`), resumable from
+   `<workdir>/students/checkpoints`. Every student sees the same batches.
+5. Test accuracy per method and seed, the mean +- std, and each method's paired difference from
+   `config.baseline` ("student") with its 95 % t-interval over seeds are printed as a table and
+   written to `<workdir>/results.json`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from kd_jax import data as data_lib
@@ -39,21 +44,29 @@ from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.evaluate import evaluate, make_eval_step, predict_logits
 from kd_jax.train.state import TrainState, sgd, step_decay_schedule
-from kd_jax.train.step import make_train_step
+from kd_jax.train.step import make_multi_student_step, make_train_step, stack_states
+from kd_jax.train.step import unstack_state
 
 
 # ---------------------------------------------------------------------------- data
 
 class Dataset:
-  """Train / val / test streams of the configured dataset (digits offline, or CIFAR via TFDS)."""
+  """Train / val / test streams of the configured dataset (digits or MNIST-1D offline, or CIFAR
+  via TFDS). MNIST-1D reads `config.data.num_samples`, `.seed` (generation) and `.split_seed`."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.name = config.dataset
     self.batch_size = int(config.batch_size)
     self.eval_batch_size = int(config.get("eval_batch_size", 256))
     self.seed = int(config.seed)
-    if self.name == "digits":
-      splits = data_lib.load_digits(seed=self.seed)
+    if self.name in ("digits", "mnist1d"):
+      if self.name == "digits":
+        splits = data_lib.load_digits(seed=self.seed)
+      else:
+        dcfg = config.get("data", ml_collections.ConfigDict())
+        splits = data_lib.load_mnist1d(num_samples=int(dcfg.get("num_samples", 5000)),
+                                       seed=int(dcfg.get("seed", 0)),
+                                       split_seed=int(dcfg.get("split_seed", 0)))
       self.num_classes = splits.num_classes
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
       self.num_train = len(splits.train["label"])
@@ -70,14 +83,14 @@ class Dataset:
       self.num_train = len(self._sources["train"])
       self.image_shape = (32, 32, 3)  # the CIFAR pipeline's output (kd_jax.data.cifar)
     else:
-      raise ValueError(f"unknown dataset {self.name!r}; expected 'digits' or one of "
+      raise ValueError(f"unknown dataset {self.name!r}; expected 'digits', 'mnist1d' or one of "
                        f"{sorted(data_lib.CIFAR_NUM_CLASSES)}.")
     self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, self.batch_size)
 
   def train(self, start_step: int = 0, *, with_index: bool = False):
     """The training stream from `start_step`; `with_index` adds each example's "index" (CRD)."""
     shards = dict(num_shards=jax.process_count(), shard_index=jax.process_index())
-    if self.name == "digits":
+    if self.name in ("digits", "mnist1d"):
       arrays = self._splits["train"]
       if with_index:
         arrays = {**arrays, "index": np.arange(self.num_train, dtype=np.int32)}
@@ -88,7 +101,7 @@ class Dataset:
                           with_index=with_index, **shards)
 
   def eval(self, split: str):
-    if self.name == "digits":
+    if self.name in ("digits", "mnist1d"):
       return data_lib.eval_batches(self._splits[split], batch_size=self.eval_batch_size)
     return data_lib.cifar(self.name, batch_size=self.eval_batch_size, train=False,
                           source=self._sources[split])
@@ -133,11 +146,25 @@ def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = Non
 # ---------------------------------------------------------------------------- pieces
 
 def _optimizer(cfg, steps_per_epoch: int):
-  schedule = step_decay_schedule(float(cfg.learning_rate), steps_per_epoch=steps_per_epoch,
-                                 decay_epochs=tuple(cfg.get("decay_epochs", ()) or ()),
-                                 decay_rate=float(cfg.get("decay_rate", 0.1)))
-  return sgd(schedule, momentum=float(cfg.get("momentum", 0.9)),
-             weight_decay=float(cfg.get("weight_decay", 0.0)))
+  """`cfg.optimizer`: "sgd" (torch.optim.SGD: momentum, L2 weight decay; RepDistiller's) or
+  "adamw"; `cfg.schedule`: "step" (x decay_rate at each of decay_epochs) or "cosine" (to 0)."""
+  lr = float(cfg.learning_rate)
+  kind = cfg.get("schedule", "step")
+  if kind == "step":
+    schedule = step_decay_schedule(lr, steps_per_epoch=steps_per_epoch,
+                                   decay_epochs=tuple(cfg.get("decay_epochs", ()) or ()),
+                                   decay_rate=float(cfg.get("decay_rate", 0.1)))
+  elif kind == "cosine":
+    schedule = optax.cosine_decay_schedule(lr, max(_num_steps(cfg, steps_per_epoch), 1))
+  else:
+    raise ValueError(f"schedule must be 'step' or 'cosine', got {kind!r}.")
+  name = cfg.get("optimizer", "sgd")
+  if name == "sgd":
+    return sgd(schedule, momentum=float(cfg.get("momentum", 0.9)),
+               weight_decay=float(cfg.get("weight_decay", 0.0)))
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=float(cfg.get("weight_decay", 0.0)))
+  raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}.")
 
 
 def _num_steps(cfg, steps_per_epoch: int) -> int:
@@ -172,6 +199,13 @@ class Runner:
       return {"split": split, **evaluate(step, variables, self.data.eval(split), mesh=self.mesh)}
 
     return fn
+
+  def accuracy(self, eval_step, variables, split: str) -> float:
+    """Top-1 accuracy of `variables` ({"params", "batch_stats"}) on `split`."""
+    variables = dict(variables)
+    if self.mesh is not None:
+      variables = parallel.replicate(variables, self.mesh)
+    return evaluate(eval_step, variables, self.data.eval(split), mesh=self.mesh)["accuracy"]
 
   def fit(self, name, model, cfg, loss, *, teacher=None, loss_options=None):
     spe = self.data.steps_per_epoch
@@ -262,17 +296,121 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
   return epsilon, info
 
 
+def seeds_of(config) -> list[int]:
+  """The students' seeds: `config.seeds` (a count N: seed, seed + 1, ..., or a list), default 1."""
+  seeds = config.get("seeds", 1)
+  if isinstance(seeds, int):
+    if seeds < 1:
+      raise ValueError(f"config.seeds must be >= 1, got {seeds}.")
+    return [int(config.seed) + i for i in range(seeds)]
+  return [int(x) for x in seeds]
+
+
+def paired_difference(values, baseline, *, confidence: float = 0.95) -> dict[str, Any]:
+  """Mean and t-interval of the per-seed differences `values - baseline` (paired by seed)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+  n = d.size
+  out = {"mean": float(d.mean()), "n": int(n), "std": float(d.std(ddof=1)) if n > 1 else None,
+         "ci95": None}
+  if n > 1:
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    out["ci95"] = [out["mean"] - half, out["mean"] + half]
+  return out
+
+
+def _pm(values) -> str:
+  v = 100 * np.asarray(values, np.float64)
+  return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if v.size > 1 else f"{v.mean():.2f}"
+
+
 def _table(results: Mapping[str, Any]) -> str:
-  rows = [("method", "loss", "test acc %")]
+  n = len(results["seeds"])
+  base = results.get("baseline")
+  head = ("method", "loss", f"test acc % ({n} seed{'s' * (n > 1)})",
+          f"vs {base} (paired, 95% CI)" if base else "")
+  rows = [head]
   t = results["teacher"]
-  rows.append((f"teacher ({t['model']})", "ce:1", f"{100 * t['test_accuracy']:.2f}"))
+  rows.append((f"teacher ({t['model']})", "ce:1", f"{100 * t['test_accuracy']:.2f}", ""))
   for name, r in results["methods"].items():
-    rows.append((f"{name} ({results['student_model']})", r["loss"],
-                 f"{100 * r['test_accuracy']:.2f}"))
-  widths = [max(len(r[i]) for r in rows) for i in range(3)]
-  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    diff = results.get("paired", {}).get(name)
+    cell = ""
+    if diff is not None:
+      cell = f"{100 * diff['mean']:+.2f}"
+      if diff["ci95"] is not None:
+        cell += f" [{100 * diff['ci95'][0]:+.2f}, {100 * diff['ci95'][1]:+.2f}]"
+    rows.append((f"{name} ({results['student_model']})", r["loss"], _pm(r["test_accuracy"]),
+                 cell))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
   return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] +
                    [line(r) for r in rows[1:]])
+
+
+def fit_students(runner: Runner, config, specs: Mapping[str, str],
+                 options: Mapping[str, Mapping[str, Any]], teacher, seeds: list[int]):
+  """Every method's students, one per seed, trained in one program (one teacher forward per
+  batch, `make_multi_student_step`). Seed s initialises the same student for every method;
+  all students see the same batches. Returns ({method: stacked state}, history)."""
+  scfg = config.student
+  spe = runner.data.steps_per_epoch
+  tx = _optimizer(scfg, spe)
+  axis = None if runner.mode == "none" else parallel.BATCH_AXIS
+  per_method = {m: {k: v for k, v in options.items()
+                    if k in {t.name for t in terms_lib.parse_terms(spec)}}
+                for m, spec in specs.items()}
+  step = make_multi_student_step(specs, teacher_graphdef=teacher.graphdef,
+                                 loss_options=per_method, axis_name=axis)
+  with_index = any("index" in t.term.batch_keys for sub in step.steps.values()
+                   for t in sub.terms)
+  example = None
+  inits = []
+  for seed in seeds:  # one initialisation per seed, copied for every method
+    inits.append(nnx.split(create_model(scfg.model, num_classes=runner.data.num_classes,
+                                        seed=seed, **_model_options(scfg))))
+  states = {}
+  for m, sub in step.steps.items():
+    per_seed = []
+    for seed, (graphdef, init) in zip(seeds, inits):
+      st = TrainState.create(nnx.merge(graphdef, jax.tree.map(jnp.array, init)), tx,
+                             rng=jax.random.key(seed))
+      if any(terms_lib.owns_variables(t.term) for t in sub.terms):
+        if example is None:
+          example = jax.tree.map(lambda x: x[:1],
+                                 next(iter(runner.data.train(0, with_index=with_index))))
+        st = sub.init(st, example, teacher.variables, num_data=runner.data.num_train)
+      per_seed.append(st)
+    states[m] = stack_states(per_seed)
+
+  graphdef = inits[0][0]
+  val_step = make_eval_step(graphdef, runner.mesh)
+
+  def eval_fn(all_states):
+    out = {"split": "val"}
+    for m, st in all_states.items():
+      accs = [runner.accuracy(val_step, unstack_state(st, i).variables(), "val")
+              for i in range(len(seeds))]
+      out[f"{m}/accuracy"] = float(np.mean(accs))
+      out.update({f"{m}/accuracy/{i}": a for i, a in enumerate(accs)})
+    return out
+
+  num_steps = _num_steps(scfg, spe)
+  run_info = {"methods": {m: [str(t) for t in sub.terms] for m, sub in step.steps.items()},
+              "seeds": seeds, "model": scfg.model,
+              "model_options": dict(_model_options(scfg)), "num_steps": num_steps,
+              "batch_size": runner.data.batch_size,
+              "optimizer": {k: scfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
+                                                     "decay_epochs", "decay_rate")},
+              "teacher": teacher.path, "dataset": runner.data.name,
+              "data_seed": int(config.seed)}
+  eval_every = int(config.get("eval_every_epochs", 0) or 0) * spe
+  return loop.fit(
+      states, step, functools.partial(runner.data.train, with_index=with_index),
+      num_steps=num_steps, teacher_variables=teacher.variables, mode=runner.mode,
+      mesh=runner.mesh, workdir=os.path.join(runner.workdir, "students"), name="students",
+      checkpoint_every=int(config.get("checkpoint_every", 0) or 0),
+      log_every=int(config.get("log_every", 50)), eval_every=eval_every, eval_fn=eval_fn,
+      progress=runner.progress, run_info=run_info)
 
 
 # ---------------------------------------------------------------------------- run
@@ -307,29 +445,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     options.setdefault("ptloss", {})["epsilon"] = eps
     eps_info["epsilon"] = eps
 
-  results = {"dataset": config.dataset, "seed": int(config.seed),
+  seeds = seeds_of(config)
+  results = {"dataset": config.dataset, "seed": int(config.seed), "seeds": seeds,
              "teacher": {"model": config.teacher.model, "test_accuracy": t_test["accuracy"],
                          "trained_here": trained, "checkpoint": teacher.path},
              "student_model": config.student.model, "methods": {}}
   if eps_info is not None:
     results["ptloss"] = eps_info
-  scfg = config.student
-  # One initialisation; every method starts from a copy of it (the same seed).
-  graphdef, init_state = nnx.split(create_model(
-      scfg.model, num_classes=runner.data.num_classes, seed=int(config.seed),
-      **_model_options(scfg)))
+  states, history = fit_students(runner, config, specs, options, teacher, seeds)
+  test_step = make_eval_step(states[next(iter(states))].graphdef, runner.mesh)
   for name, spec in specs.items():
-    present = {t.name for t in terms_lib.parse_terms(spec)}
-    model = nnx.merge(graphdef, jax.tree.map(jnp.array, init_state))
-    state, history = runner.fit(os.path.join("students", name), model, scfg, spec,
-                                teacher=teacher,
-                                loss_options={k: v for k, v in options.items() if k in present})
-    test = runner.eval_fn(state.graphdef, "test")(state)
-    vals = [h["accuracy"] for h in history if h["split"] == "val"]
-    results["methods"][name] = {"loss": spec, "test_accuracy": test["accuracy"],
-                                "val_accuracy": vals[-1] if vals else None,
-                                "best_val_accuracy": max(vals) if vals else None,
-                                "steps": int(state.step)}
+    st = states[name]
+    test = [runner.accuracy(test_step, unstack_state(st, i).variables(), "test")
+            for i in range(len(seeds))]
+    vals = [[h[f"{name}/accuracy/{i}"] for h in history if h["split"] == "val"]
+            for i in range(len(seeds))]
+    results["methods"][name] = {
+        "loss": spec, "test_accuracy": test,
+        "val_accuracy": [v[-1] for v in vals] if vals[0] else None,
+        "best_val_accuracy": [max(v) for v in vals] if vals[0] else None,
+        "steps": loop.step_count(st)}
+  # Hyperparameters chosen on validation data only: {reported name: (candidate methods)}.
+  for name, candidates in dict(config.get("select_on_val", {}) or {}).items():
+    candidates = [c for c in candidates if c in results["methods"]]
+    if not candidates:
+      continue
+    if any(results["methods"][c]["val_accuracy"] is None for c in candidates):
+      raise ValueError(f"select_on_val[{name!r}] needs validation accuracy: set "
+                       "config.eval_every_epochs > 0.")
+    best = max(candidates, key=lambda c: np.mean(results["methods"][c]["val_accuracy"]))
+    results["methods"][name] = {**results["methods"][best], "selected": best,
+                                "candidates": {c: float(np.mean(results["methods"][c][
+                                    "val_accuracy"])) for c in candidates}}
+  base = config.get("baseline", "student")
+  if base in results["methods"]:
+    results["baseline"] = base
+    ref = results["methods"][base]["test_accuracy"]
+    results["paired"] = {name: paired_difference(r["test_accuracy"], ref)
+                         for name, r in results["methods"].items() if name != base}
   if jax.process_index() == 0:
     with open(os.path.join(runner.workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -15,7 +15,7 @@ from kd_jax import teachers
 from experiments import runner as experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.teacher.num_steps=40", "--config.student.num_steps=12",
+TINY = ["--config.teacher.num_steps=40", "--config.student.num_steps=12", "--config.seeds=2",
         "--config.checkpoint_every=5", "--config.eval_every_epochs=0", "--config.progress=false",
         "--config.ptloss.num_candidates=8", "--config.log_every=5"]
 
@@ -25,6 +25,7 @@ def _tiny_config():
   c.teacher.num_steps, c.student.num_steps = 40, 12
   c.checkpoint_every, c.eval_every_epochs, c.progress = 5, 0, False
   c.ptloss.num_candidates, c.log_every = 8, 5
+  c.seeds = 2
   return c
 
 
@@ -43,21 +44,33 @@ def test_main_job_end_to_end_and_resume(tmp_path):
   assert results["teacher"]["trained_here"] is True
   # 40 steps of SGD on digits: far above chance (0.1) for the teacher.
   assert results["teacher"]["test_accuracy"] > 0.5
+  seeds = results["seeds"]
+  assert seeds == [0, 1]
   for name, r in results["methods"].items():
-    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 12, name
+    assert len(r["test_accuracy"]) == 2 and r["steps"] == 12, name
+    assert all(0.0 <= a <= 1.0 for a in r["test_accuracy"]), name
   assert results["ptloss"]["selected"] and len(results["ptloss"]["epsilon"]) == 5
-  # The table: the teacher and every method with its accuracy in percent.
+  # Paired differences against the student alone, recomputed by hand (t quantile, 1 dof).
+  base = np.asarray(results["methods"]["student"]["test_accuracy"])
+  for name in ("kd", "ptloss", "sp"):
+    d = np.asarray(results["methods"][name]["test_accuracy"]) - base
+    p = results["paired"][name]
+    np.testing.assert_allclose(p["mean"], d.mean(), atol=1e-12)
+    half = 12.706204736174707 * d.std(ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(p["ci95"], [d.mean() - half, d.mean() + half], atol=1e-9)
+  # The table: the teacher and every method with its mean accuracy in percent.
   for name, r in results["methods"].items():
-    assert f"{100 * r['test_accuracy']:.2f}" in proc.stdout
+    assert f"{100 * np.mean(r['test_accuracy']):.2f} ±" in proc.stdout
   assert f"{100 * results['teacher']['test_accuracy']:.2f}" in proc.stdout
-  # Metrics and checkpoints per run.
-  for run in ("teacher", "students/kd", "students/sp"):
+  # Metrics and checkpoints: the teacher's run and the one run of every student.
+  for run in ("teacher", "students"):
     assert os.path.exists(workdir / run / "metrics.jsonl")
     assert os.listdir(workdir / run / "tensorboard")
-  assert "12" in os.listdir(workdir / "students" / "kd" / "checkpoints")
+  assert "12" in os.listdir(workdir / "students" / "checkpoints")
   assert os.path.isdir(workdir / "teacher" / "checkpoint")
-  kd_records = [json.loads(l) for l in open(workdir / "students" / "kd" / "metrics.jsonl")]
-  assert {"loss/ce", "loss/kd", "weight/kd"} <= set(kd_records[0])
+  records = [json.loads(l) for l in open(workdir / "students" / "metrics.jsonl")]
+  assert {"kd/loss/ce", "kd/loss/kd", "kd/weight/kd", "kd/loss/kd/0", "kd/loss/kd/1",
+          "sp/loss/sp"} <= set(records[0])
 
   # Restarted in the same workdir (here in-process, on the 8 simulated devices): the teacher is
   # restored, every run resumes at its last checkpoint (already final) and the results agree.

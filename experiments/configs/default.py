@@ -17,7 +17,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
-  c.seed = 0
+  c.seed = 0                   # data order; the students' seeds start here
+  c.seeds = 1                  # students per method (seed, seed + 1, ...), trained at once
   c.batch_size = 64            # global batch, split over the devices
   c.eval_batch_size = 256
   c.num_devices = 0            # 0: every visible device
@@ -61,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
       "sp": "ce:1,sp:3000",
   })
   c.method_order = ("student", "kd", "ptloss", "sp")  # table order (others follow, sorted)
+  c.baseline = "student"       # paired differences (per seed) are taken against this method
+  # {reported name: candidate methods}: the candidate with the best mean validation accuracy.
+  c.select_on_val = ml_collections.ConfigDict()
   # Per-term options, merged into every method that uses the term.
   c.loss_options = ml_collections.ConfigDict({
       "kd": {"temperature": 4.0},

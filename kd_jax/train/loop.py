@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
@@ -207,7 +208,7 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
 
   if ckpt is not None and ckpt.latest_step() is not None:
     state = ckpt.restore(state, sharding)
-  start = int(jax.device_get(state.step))
+  start = step_count(state)
   dev_state = put_state(state)
   bar = tqdm.tqdm(total=num_steps, initial=start, desc=name, disable=not progress,
                   dynamic_ncols=True, leave=False)
@@ -220,13 +221,14 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
           metrics = parallel.unstack_from_pmap(metrics)
         logged = None
         if step % max(log_every, 1) == 0 or step == num_steps:
-          logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          logged = scalar_metrics(jax.device_get(metrics))
           dt = time.perf_counter() - t0
           logged["steps_per_sec"] = (step - last_log) / max(dt, 1e-9)
           t0, last_log = time.perf_counter(), step
           writer.write(step, "train", logged)
           history.append({"step": step, "split": "train", **logged})
-          bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}")
+          if "loss" in logged and "accuracy" in logged:
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}")
         if eval_fn is not None and eval_every and step % eval_every == 0 and step != num_steps:
           _evaluate(eval_fn, host_state(dev_state), step, writer, history)
         if ckpt is not None and (ckpt.due(step) or step == num_steps):
@@ -234,7 +236,7 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
         bar.update(1)
         for hook in hooks:
           hook(step, dev_state, logged or {})
-      if int(jax.device_get(host_state(dev_state).step)) < num_steps:
+      if step_count(host_state(dev_state)) < num_steps:
         raise ValueError(f"train_batches ran out before step {num_steps}.")
     final = host_state(dev_state)
     if eval_fn is not None:
@@ -245,6 +247,29 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
     writer.close()
     if ckpt is not None:
       ckpt.close()
+
+
+def step_count(state) -> int:
+  """The step of a `TrainState`, or of a {method: stacked TrainState} dict (all equal)."""
+  states = state.values() if isinstance(state, Mapping) else [state]
+  steps = {int(s) for st in states for s in np.ravel(jax.device_get(st.step))}
+  if len(steps) != 1:
+    raise ValueError(f"the states are at different steps {sorted(steps)}.")
+  return steps.pop()
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """Metrics as floats: a vector metric (one value per stacked student) becomes its mean under
+  its own name and one entry per student, "<name>/<i>"."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = float(v)
+    else:
+      out[k] = float(np.mean(v))
+      out.update({f"{k}/{i}": float(x) for i, x in enumerate(v.ravel())})
+  return out
 
 
 def _check_run_info(workdir: str, run_info: Mapping[str, Any]) -> None:
