@@ -38,6 +38,6 @@ PyTorch checkpoints: `kd_jax.models.torch_convert.from_torch_state_dict`.
 
 from kd_jax.models._registry import available, create, create_compiled
 # Importing the model modules registers their names.
-from kd_jax.models import digits, mobilenet_v1, mobilenetv2, resnet, shufflenet, text, vgg, wrn  # noqa: F401
+from kd_jax.models import digits, mnist1d, mobilenet_v1, mobilenetv2, resnet, shufflenet, text, vgg, wrn  # noqa: F401
 
 __all__ = ["available", "create", "create_compiled"]
