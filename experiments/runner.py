@@ -271,6 +271,7 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
   temperature = float((config.get("loss_options", {}) or {}).get("ptloss", {}).get(
       "temperature", 1.0))
   settings = {"teacher": teacher.path, "seed": int(config.seed), "temperature": temperature,
+              "distance": pcfg.get("distance", "l2"),
               **{k: pcfg.get(k) for k in ("order", "num_candidates", "scale")}}
   # The selection depends only on the teacher and these settings: reuse it when resuming.
   cache = os.path.join(runner.workdir, "ptloss_selection.json")
@@ -286,9 +287,20 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
   sel = ptloss_lib.select_coefficients(
       jnp.asarray(logits), jnp.asarray(labels), key=jax.random.key(int(config.seed)),
       order=int(pcfg.get("order", 5)), num_candidates=int(pcfg.get("num_candidates", 64)),
-      scale=float(pcfg.get("scale", 1.0)), temperature=temperature)
-  info = {"selected": True, "index": int(sel.index), "score": float(sel.scores[sel.index]),
-          "vanilla_score": float(sel.scores[0]), "num_invalid": int(sel.num_invalid)}
+      scale=float(pcfg.get("scale", 1.0)), temperature=temperature,
+      distance=settings["distance"])
+  from kd_jax import losses  # pylint: disable=g-import-not-at-top
+  t_probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32) / temperature, axis=-1)
+  proxy = losses.proxy_teacher(t_probs, jnp.asarray(sel.epsilon), strict=False).probs
+  calib = {}
+  for who, p in (("teacher", t_probs), ("proxy", proxy)):
+    calib[who] = {"confidence": float(jnp.mean(jnp.max(p, -1))),
+                  "ece": float(ptloss_lib.expected_calibration_error(p, jnp.asarray(labels))),
+                  "accuracy": float(jnp.mean(jnp.argmax(p, -1) == jnp.asarray(labels)))}
+  info = {"selected": True, "distance": settings["distance"], "index": int(sel.index),
+          "score": float(sel.scores[sel.index]), "vanilla_score": float(sel.scores[0]),
+          "num_invalid": int(sel.num_invalid),
+          "validation": calib}  # at the PTLoss temperature, on the validation split
   epsilon = np.asarray(sel.epsilon).tolist()
   if jax.process_index() == 0:
     with open(cache, "w") as f:

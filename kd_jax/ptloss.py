@@ -23,9 +23,11 @@ from kd_jax.losses import _numerics as nm
 from kd_jax.losses import _ptloss
 from kd_jax.losses import _validation as val
 
-__all__ = ["Selection", "sample_candidates", "select_coefficients", "closeness"]
+__all__ = ["Selection", "closeness", "expected_calibration_error", "sample_candidates",
+           "select_coefficients"]
 
-_DISTANCES = ("l2", "sq_l2", "tvd")
+_DISTANCES = ("l2", "sq_l2", "tvd", "ce")
+_PROB_FLOOR = 1e-12
 
 
 class Selection(NamedTuple):
@@ -89,14 +91,17 @@ def _sample_candidates(key, num_candidates, order, num_classes, scale):
 def closeness(probs, labels, *, distance: str = "l2", where=None):
   r"""Mean distance of distributions to one-hot labels (the paper's quality score, Eq. 11).
 
-  `l2`: :math:`\|q - y\|_2`; `sq_l2`: :math:`\|q - y\|_2^2` (the only one whose validation
-  estimate is unbiased for :math:`\|q - p^*\|^2` up to a constant); `tvd`:
-  :math:`\tfrac12 \|q - y\|_1`. Averaged over the examples where `where` is True.
+  `l2`: :math:`\|q - y\|_2` (the paper's); `sq_l2`: :math:`\|q - y\|_2^2` (the Brier score,
+  a proper scoring rule: its validation estimate is unbiased for :math:`\|q - p^*\|^2` up to a
+  constant); `ce`: :math:`-\log q_y` (the log score, proper too; probabilities floored at
+  1e-12); `tvd`: :math:`\tfrac12 \|q - y\|_1`. `l2` and `tvd` are improper: they reward
+  sharpening a distribution towards its arg-max. Averaged over the examples where `where` is
+  True.
 
   Args:
     probs: `[N, K]` distributions.
     labels: `[N]` integer labels.
-    distance: `"l2"`, `"sq_l2"` or `"tvd"`.
+    distance: `"l2"`, `"sq_l2"`, `"ce"` or `"tvd"`.
     where: optional `[N]` boolean mask.
 
   Returns:
@@ -108,6 +113,9 @@ def closeness(probs, labels, *, distance: str = "l2", where=None):
   diff = nm.to_float32(probs) - y
   if distance == "tvd":
     per_example = 0.5 * jnp.sum(jnp.abs(diff), axis=-1)
+  elif distance == "ce":
+    q_y = jnp.sum(nm.to_float32(probs) * y, axis=-1)
+    per_example = -jnp.log(jnp.maximum(q_y, _PROB_FLOOR))
   else:
     per_example = jnp.sum(jnp.square(diff), axis=-1)
     if distance == "l2":
@@ -141,7 +149,8 @@ def select_coefficients(teacher_logits_val, labels_val, *, key, order: int = 5,
     key: `jax.random.key` for the candidates (ignored when `candidates` is given).
     order: M, number of perturbed orders (5 in the paper).
     num_candidates: C including the zero candidate (ignored when `candidates` is given).
-    distance: `"l2"` (paper default), `"sq_l2"` or `"tvd"`.
+    distance: `"l2"` (paper default), `"sq_l2"` (Brier), `"ce"` (log score) or `"tvd"`; see
+      `closeness`.
     per_class: sample `[K, M]` candidates instead of class-shared `[M]` ones.
     temperature: teacher temperature; the proxy is computed from `softmax(t / T)`.
     scale: a in :math:`\epsilon_{k,m} \sim U[-a/m, a/m]`.
@@ -212,3 +221,26 @@ def _select(teacher_logits, labels, candidates, temperature, where, tol, *, dist
       epsilon=candidates[index], index=index, scores=scores, valid=valid,
       num_invalid=jnp.sum(~valid), epsilon_valid=eps_valid, converged_fraction=conv_frac,
       max_iterations=max_it, max_residual=max_res, candidates=candidates)
+
+
+def expected_calibration_error(probs, labels, *, num_bins: int = 15, where=None) -> jax.Array:
+  r"""ECE: :math:`\sum_b \tfrac{n_b}{N} |acc_b - conf_b|` over `num_bins` equal-width bins of the
+  top-1 confidence (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017).
+
+  Args:
+    probs: `[N, K]` distributions.
+    labels: `[N]` integer labels.
+    num_bins: number of confidence bins on [0, 1].
+    where: optional `[N]` boolean mask.
+
+  Returns:
+    float32 scalar.
+  """
+  probs = nm.to_float32(probs)
+  conf = jnp.max(probs, axis=-1)
+  correct = (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
+  valid = jnp.ones_like(conf) if where is None else jnp.asarray(where, jnp.float32)
+  bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  onehot = jax.nn.one_hot(bins, num_bins) * valid[:, None]
+  gap = jnp.abs(onehot.T @ correct - onehot.T @ conf)
+  return jnp.sum(gap) / jnp.maximum(jnp.sum(valid), 1.0)

@@ -138,3 +138,21 @@ def test_closeness_distances_by_hand():
   np.testing.assert_allclose(closeness(probs, labels, distance="tvd"), (0.5 + 0.2) / 2, rtol=1e-6)
   np.testing.assert_allclose(closeness(probs, labels, distance="tvd",
                                        where=jnp.array([False, True])), 0.2, rtol=1e-6)
+  # The log score: -log q_y = -log 0.5 and -log 0.8.
+  np.testing.assert_allclose(closeness(probs, labels, distance="ce"),
+                             -(np.log(0.5) + np.log(0.8)) / 2, rtol=1e-6)
+
+
+def test_expected_calibration_error_by_hand():
+  from kd_jax.ptloss import expected_calibration_error  # pylint: disable=g-import-not-at-top
+  # Confidences 0.9 (right), 0.85 (wrong), 0.55 (right), 0.4 (wrong); bins of width 0.5:
+  # bin (0.5, 1]: conf mean (0.9 + 0.85 + 0.55) / 3, accuracy 2/3; bin [0, 0.5]: 0.4 vs 0.
+  probs = jnp.array([[0.9, 0.1], [0.15, 0.85], [0.55, 0.45], [0.4, 0.3]])
+  probs = probs.at[3].set(jnp.array([0.4, 0.35]))  # rows need not sum to 1 for the metric
+  labels = jnp.array([0, 0, 0, 1])
+  want = 3 / 4 * abs(2 / 3 - (0.9 + 0.85 + 0.55) / 3) + 1 / 4 * abs(0 - 0.4)
+  np.testing.assert_allclose(expected_calibration_error(probs, labels, num_bins=2), want,
+                             rtol=1e-6)
+  # Masked rows do not count.
+  np.testing.assert_allclose(expected_calibration_error(
+      probs, labels, num_bins=2, where=jnp.array([True, False, False, False])), 0.1, rtol=1e-6)

@@ -78,5 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.ptloss.order = 5
   c.ptloss.num_candidates = 64
   c.ptloss.scale = 1.0
+  # The closeness score of the selection (kd_jax.ptloss.closeness): "l2" (the paper's),
+  # "sq_l2" (Brier) or "ce" (log score), both proper, or "tvd".
+  c.ptloss.distance = "l2"
   c.ptloss.epsilon = (0.0,)
   return c

@@ -57,6 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   })
   c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000")
   c.select_on_val = ml_collections.ConfigDict({"sp": ("sp_300", "sp_3000", "sp_30000")})
+  c.ptloss.distance = "sq_l2"  # a proper score (docs/ptloss.md: the paper's l2 rewards sharpening)
   c.loss_options = ml_collections.ConfigDict({
       "kd": {"temperature": 4.0},
       "ptloss": {"temperature": 4.0},
@@ -66,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.methods = ml_collections.ConfigDict({
         "student": "ce:1",
         **{f"kd_T{t}": f"ce:0.1,kd:0.9(temperature={t})" for t in (1, 2, 4, 8)},
-        "kd_a0.5_T4": "ce:0.5,kd:0.5(temperature=4)",
+        "kd_half_T4": "ce:0.5,kd:0.5(temperature=4)",
         "kd_only_T4": "kd:1(temperature=4)",
         "kd_only_T1": "kd:1(temperature=1)",
     })

@@ -58,8 +58,9 @@ def _count(model, kind):
 
 
 # Models outside the CIFAR zoo, counted by their own tests (tests/train/test_refilled_pipeline.py,
-# tests/models/test_text_model.py).
-OTHER_MODELS = {"mobilenet_v1", "text_transformer"}
+# tests/models/test_text_model.py, tests/models/test_mnist1d_models.py).
+OTHER_MODELS = {"mobilenet_v1", "text_transformer", "cnn1d_mnist1d", "cnn1d_mnist1d_narrow",
+                "mlp_mnist1d"}
 
 
 def test_zoo_is_complete():
