@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import default
+from experiments.configs import digits as default
 from kd_jax import models
 from kd_jax import teachers
 from experiments import runner as experiment
@@ -31,7 +31,8 @@ def _tiny_config():
 
 def _main(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "experiments.main",
+                         "--config=experiments/configs/digits.py", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -109,3 +110,30 @@ def test_nan_teacher_is_refused(tmp_path):
   with pytest.raises(ValueError, match="non-finite.*logits"):
     experiment.run(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd" / "students")
+
+
+def test_default_main_job_on_mnist1d_prints_the_multi_seed_table(tmp_path, capsys):
+  # The main job's default config at a tiny size: every method's seeds, the SP weight chosen on
+  # validation, PTLoss's proxy calibration next to the teacher's, paired intervals.
+  from experiments.configs import mnist1d  # pylint: disable=g-import-not-at-top
+  c = mnist1d.get_config()
+  c.data.num_samples = 600
+  c.teacher.num_steps, c.student.num_steps = 30, 10
+  c.seeds, c.eval_every_epochs, c.progress, c.log_every = 3, 1, False, 5
+  c.checkpoint_every, c.ptloss.num_candidates = 0, 8
+  results = experiment.run(c, str(tmp_path))
+  assert results["seeds"] == [0, 1, 2]
+  assert set(results["methods"]) == {"student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000",
+                                     "sp"}
+  for r in results["methods"].values():
+    assert len(r["test_accuracy"]) == 3 and len(r["val_accuracy"]) == 3
+  sp = results["methods"]["sp"]
+  cands = sp["candidates"]
+  assert sp["selected"] == max(cands, key=cands.get)  # on validation, never test
+  assert results["methods"][sp["selected"]]["test_accuracy"] == sp["test_accuracy"]
+  cal = results["ptloss"]["validation"]
+  assert results["ptloss"]["distance"] == "sq_l2"
+  assert {"teacher", "proxy"} == set(cal) and 0 <= cal["proxy"]["ece"] <= 1
+  assert set(results["paired"]) == set(results["methods"]) - {"student"}
+  out = capsys.readouterr().out
+  assert "(3 seeds)" in out and "vs student (paired, 95% CI)" in out

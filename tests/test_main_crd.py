@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from experiments.configs import default
+from experiments.configs import digits as default
 from experiments import runner as experiment
 
 

@@ -19,12 +19,13 @@ Methods (RepDistiller's weights where they exist):
 
 import ml_collections
 
-from experiments.configs import default
+from experiments.configs import digits
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """The table's config; `mnist1d.py:kd_sweep` is the validation sweep of KD's T and weights."""
-  c = default.get_config()
+  """The MLP student's table; `mnist1d.py:narrow` the narrow CNN student's; `mnist1d.py:kd_sweep`
+  the validation sweep of KD's temperature and weights for the MLP."""
+  c = digits.get_config()
   c.dataset = "mnist1d"
   c.data = ml_collections.ConfigDict({"num_samples": 5000, "seed": 0, "split_seed": 0})
   c.seeds = 5
@@ -63,7 +64,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "ptloss": {"temperature": 4.0},
       "sp": {"feature": "pre_pool", "all_gather": False},
   })
-  if arg == "kd_sweep":
+  if arg == "narrow":  # the 310-parameter CNN student (width 3, 80 epochs at lr 0.1)
+    c.student.model = "cnn1d_mnist1d_narrow"
+    c.student.options = {"width": 3}
+    c.student.num_epochs = 80
+    c.student.learning_rate = 0.1
+    c.eval_every_epochs = 20
+  elif arg == "kd_sweep":
     c.methods = ml_collections.ConfigDict({
         "student": "ce:1",
         **{f"kd_T{t}": f"ce:0.1,kd:0.9(temperature={t})" for t in (1, 2, 4, 8)},
@@ -75,5 +82,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.select_on_val = ml_collections.ConfigDict()
     c.loss_options = ml_collections.ConfigDict()
   elif arg:
-    raise ValueError(f"unknown mnist1d config argument {arg!r}; expected '' or 'kd_sweep'.")
+    raise ValueError(f"unknown mnist1d config argument {arg!r}; expected '', 'narrow' or "
+                     "'kd_sweep'.")
   return c

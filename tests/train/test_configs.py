@@ -6,7 +6,7 @@ import os
 import pytest
 
 from experiments.configs import cifar100
-from experiments.configs import default
+from experiments.configs import digits as default
 from kd_jax import models
 from experiments import runner as experiment
 from kd_jax.train import terms
@@ -38,7 +38,7 @@ def _all_configs():
 
 def test_every_config_file_parses():
   files = _config_files()
-  assert {"cifar100", "default"} <= set(files)
+  assert {"cifar100", "digits", "mnist1d"} <= set(files)
   for f in files:
     module = importlib.import_module(f"experiments.configs.{f}")
     assert module.get_config() is not None, f

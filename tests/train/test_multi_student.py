@@ -13,7 +13,7 @@ from tests.train._toy import ToyNet, toy_batch
 
 METHODS = {"kd": "ce:0.1,kd:0.9(temperature=2)", "sp": "ce:1,sp:30",
            "crd": "ce:1,crd:0.8(num_negatives=8,feat_dim=4)"}
-SEEDS, STEPS, B, NUM_DATA = (0, 1, 2), 3, 16, 48
+SEEDS, STEPS, B, NUM_DATA = (0, 1), 2, 16, 48
 
 
 def _setup(batch_norm=True):

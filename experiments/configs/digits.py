@@ -1,10 +1,12 @@
-"""Offline default: distil a digits CNN (width 16) into a 4-wide one with CE, KD, PTLoss and SP.
+"""Offline digits: distil a digits CNN (width 16) into a 4-wide one with CE, KD, PTLoss and SP.
 
 Runs on a fresh machine with no download (scikit-learn's 8x8 digits) in a few minutes on two CPU
 cores:
 
-  python -m experiments.main --workdir=./workdir
-  python -m experiments.main --config=experiments/configs/default.py --config.num_steps=50
+  python -m experiments.main --config=experiments/configs/digits.py --workdir=./workdir/digits
+  python -m experiments.main --config=experiments/configs/digits.py --config.student.num_steps=50
+
+The other configs start from this one (experiments/configs/mnist1d.py, the main job's default).
 
 The same student (architecture, seed, data order) is trained once per entry of `methods`; the
 loss weights follow RepDistiller's CIFAR-100 recipe (KD: CE 0.1 + KD 0.9 at T = 4; SP: CE 1 +
