@@ -59,6 +59,7 @@ class Dataset:
     self.batch_size = int(config.batch_size)
     self.eval_batch_size = int(config.get("eval_batch_size", 256))
     self.seed = int(config.seed)
+    self._transfer = None
     if self.name in ("digits", "mnist1d"):
       if self.name == "digits":
         splits = data_lib.load_digits(seed=self.seed)
@@ -67,6 +68,11 @@ class Dataset:
         splits = data_lib.load_mnist1d(num_samples=int(dcfg.get("num_samples", 5000)),
                                        seed=int(dcfg.get("seed", 0)),
                                        split_seed=int(dcfg.get("split_seed", 0)))
+        transfer = int(dcfg.get("transfer_samples", 0) or 0)
+        if transfer:  # unlabelled inputs for the distillation terms (a transfer set)
+          self._transfer = data_lib.mnist1d_transfer_set(
+              splits, num_samples=transfer, seed=int(dcfg.get("transfer_seed", 1)))
+          self._transfer_batch = int(dcfg.get("transfer_batch_size", self.batch_size))
       self.num_classes = splits.num_classes
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
       self.num_train = len(splits.train["label"])
@@ -87,15 +93,30 @@ class Dataset:
                        f"{sorted(data_lib.CIFAR_NUM_CLASSES)}.")
     self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, self.batch_size)
 
-  def train(self, start_step: int = 0, *, with_index: bool = False):
-    """The training stream from `start_step`; `with_index` adds each example's "index" (CRD)."""
+  def train(self, start_step: int = 0, *, with_index: bool = False, transfer: bool = False):
+    """The training stream from `start_step`; `with_index` adds each example's "index" (CRD).
+
+    `transfer`: with a transfer set (`config.data.transfer_samples`), every batch is the same
+    labelled batch as without it, followed by `transfer_batch_size` transfer rows; "labeled"
+    tells them apart (CE reads only the labelled rows, so CE-only students train exactly as
+    without the transfer set).
+    """
     shards = dict(num_shards=jax.process_count(), shard_index=jax.process_index())
     if self.name in ("digits", "mnist1d"):
       arrays = self._splits["train"]
       if with_index:
         arrays = {**arrays, "index": np.arange(self.num_train, dtype=np.int32)}
-      return data_lib.batches(arrays, batch_size=self.batch_size, seed=self.seed,
-                              start_step=start_step, **shards)
+      stream = data_lib.batches(arrays, batch_size=self.batch_size, seed=self.seed,
+                                start_step=start_step, **shards)
+      if not transfer or self._transfer is None:
+        return stream
+      if with_index:
+        raise ValueError("a transfer set cannot be combined with terms that read dataset "
+                         "indices (crd).")
+      extra = data_lib.batches(self._transfer, batch_size=self._transfer_batch,
+                               seed=self.seed + 1, start_step=start_step, **shards)
+      return ({k: np.concatenate([dict(a, labeled=np.ones(a["label"].shape, bool))[k], b[k]])
+               for k in ("image", "label", "labeled")} for a, b in zip(stream, extra))
     return data_lib.cifar(self.name, batch_size=self.batch_size, seed=self.seed, train=True,
                           start_step=start_step, source=self._sources["train"],
                           with_index=with_index, **shards)
@@ -355,8 +376,13 @@ def _table(results: Mapping[str, Any]) -> str:
                  cell))
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+  extra = []
+  for name, d in results.get("compare", {}).items():
+    ci = ("" if d["ci95"] is None else
+          f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]")
+    extra.append(f"{name} (paired over seeds, 95% CI): {100 * d['mean']:+.2f}{ci}")
   return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] +
-                   [line(r) for r in rows[1:]])
+                   [line(r) for r in rows[1:]] + extra)
 
 
 def fit_students(runner: Runner, config, specs: Mapping[str, str],
@@ -414,10 +440,11 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
               "optimizer": {k: scfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                      "decay_epochs", "decay_rate")},
               "teacher": teacher.path, "dataset": runner.data.name,
-              "data_seed": int(config.seed)}
+              "data_seed": int(config.seed),
+              "data": dict(config.get("data", {}) or {})}
   eval_every = int(config.get("eval_every_epochs", 0) or 0) * spe
   return loop.fit(
-      states, step, functools.partial(runner.data.train, with_index=with_index),
+      states, step, functools.partial(runner.data.train, with_index=with_index, transfer=True),
       num_steps=num_steps, teacher_variables=teacher.variables, mode=runner.mode,
       mesh=runner.mesh, workdir=os.path.join(runner.workdir, "students"), name="students",
       checkpoint_every=int(config.get("checkpoint_every", 0) or 0),
@@ -495,6 +522,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ref = results["methods"][base]["test_accuracy"]
     results["paired"] = {name: paired_difference(r["test_accuracy"], ref)
                          for name, r in results["methods"].items() if name != base}
+  # Further paired comparisons, e.g. PTLoss against KD at the same temperature.
+  for a_name, b_name in (config.get("compare") or ()):
+    if a_name in results["methods"] and b_name in results["methods"]:
+      results.setdefault("compare", {})[f"{a_name} - {b_name}"] = paired_difference(
+          results["methods"][a_name]["test_accuracy"], results["methods"][b_name]["test_accuracy"])
   if jax.process_index() == 0:
     with open(os.path.join(runner.workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   })
   c.method_order = ("student", "kd", "ptloss", "sp")  # table order (others follow, sorted)
   c.baseline = "student"       # paired differences (per seed) are taken against this method
+  c.compare = ()               # further (method, method) paired comparisons
   # {reported name: candidate methods}: the candidate with the best mean validation accuracy.
   c.select_on_val = ml_collections.ConfigDict()
   # Per-term options, merged into every method that uses the term.

@@ -27,7 +27,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   the validation sweep of KD's temperature and weights for the MLP."""
   c = digits.get_config()
   c.dataset = "mnist1d"
-  c.data = ml_collections.ConfigDict({"num_samples": 5000, "seed": 0, "split_seed": 0})
+  # transfer_samples > 0: that many more generated signals (generation seed transfer_seed) that
+  # only the distillation terms see, transfer_batch_size of them after every labelled batch.
+  c.data = ml_collections.ConfigDict({"num_samples": 5000, "seed": 0, "split_seed": 0,
+                                      "transfer_samples": 0, "transfer_seed": 1,
+                                      "transfer_batch_size": 100})
   c.seeds = 5
   c.batch_size = 100
   c.eval_batch_size = 500
@@ -58,13 +62,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   })
   c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000")
   c.select_on_val = ml_collections.ConfigDict({"sp": ("sp_300", "sp_3000", "sp_30000")})
+  c.compare = (("ptloss", "kd"),)  # PTLoss against KD at the same T (epsilon = 0 is KD)
   c.ptloss.distance = "sq_l2"  # a proper score (docs/ptloss.md: the paper's l2 rewards sharpening)
   c.loss_options = ml_collections.ConfigDict({
       "kd": {"temperature": 4.0},
       "ptloss": {"temperature": 4.0},
       "sp": {"feature": "pre_pool", "all_gather": False},
   })
-  if arg == "narrow":  # the 310-parameter CNN student (width 3, 80 epochs at lr 0.1)
+  if arg == "transfer":  # KD with 20,000 unlabelled signals the teacher labels
+    c.data.transfer_samples = 20000
+  elif arg == "narrow":  # the 310-parameter CNN student (width 3, 80 epochs at lr 0.1)
     c.student.model = "cnn1d_mnist1d_narrow"
     c.student.options = {"width": 3}
     c.student.num_epochs = 80
@@ -82,6 +89,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.select_on_val = ml_collections.ConfigDict()
     c.loss_options = ml_collections.ConfigDict()
   elif arg:
-    raise ValueError(f"unknown mnist1d config argument {arg!r}; expected '', 'narrow' or "
-                     "'kd_sweep'.")
+    raise ValueError(f"unknown mnist1d config argument {arg!r}; expected '', 'transfer', "
+                     "'narrow' or 'kd_sweep'.")
   return c

@@ -10,6 +10,7 @@ from kd_jax.data.augment import compose
 from kd_jax.data.digits import DatasetSplits
 from kd_jax.data.digits import load_digits
 from kd_jax.data.mnist1d import load_mnist1d
+from kd_jax.data.mnist1d import mnist1d_transfer_set
 from kd_jax.data.pipeline import ArraySource
 from kd_jax.data.pipeline import batches
 from kd_jax.data.pipeline import eval_batches

@@ -114,3 +114,21 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 0, split_seed: int = 0,
   return DatasetSplits(
       train=split(train_idx), val=split(val_idx), test=split(test_idx),
       num_classes=MNIST1D_NUM_CLASSES, mean=mean, std=std)
+
+
+def mnist1d_transfer_set(splits: DatasetSplits, *, num_samples: int, seed: int) -> dict:
+  """Extra MNIST-1D signals for distillation: inputs the teacher labels and the student's
+  cross-entropy never sees (a transfer set; "labeled" is False on every row).
+
+  The signals come from the same generator with another `seed` (use one that differs from the
+  labelled data's), are normalised with the labelled training split's `mean` and `std`, and keep
+  their generated labels only so that a run can be inspected; no loss reads them (the "ce" term
+  skips rows whose "labeled" entry is False).
+
+  Returns:
+    {"image": float32 [num_samples, 40, 1], "label": int32 [num_samples],
+     "labeled": bool [num_samples] (all False)}.
+  """
+  x, labels = generate_mnist1d(num_samples=num_samples, seed=seed)
+  image = ((x[..., None] - splits.mean) / splits.std).astype(np.float32)
+  return {"image": image, "label": labels, "labeled": np.zeros(labels.shape, bool)}

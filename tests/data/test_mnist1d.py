@@ -131,3 +131,13 @@ def test_bad_num_samples(num_samples):
 def test_bad_fractions(val, test):
   with pytest.raises(ValueError, match="fraction"):
     data.load_mnist1d(val_fraction=val, test_fraction=test)
+
+
+def test_transfer_set_is_unlabelled_and_normalised_with_the_train_statistics():
+  from kd_jax.data import load_mnist1d, mnist1d_transfer_set  # pylint: disable=g-import-not-at-top
+  splits = load_mnist1d(num_samples=200, seed=0)
+  extra = mnist1d_transfer_set(splits, num_samples=100, seed=1)
+  assert extra["image"].shape == (100, 40, 1) and not extra["labeled"].any()
+  # Other signals than the labelled set's, on the same scale (train-split statistics).
+  assert not np.allclose(extra["image"][:10], splits.train["image"][:10])
+  assert abs(float(extra["image"].mean())) < 0.3 and 0.7 < float(extra["image"].std()) < 1.3

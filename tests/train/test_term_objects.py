@@ -165,3 +165,23 @@ def test_data_parallel_toy_stateful_term_equals_one_device():
                              single.term_params["running_mean_match"]["a"], rtol=1e-5)
   np.testing.assert_allclose(sharded.term_state["running_mean_match"]["mean"],
                              single.term_state["running_mean_match"]["mean"], rtol=1e-5)
+
+
+def test_ce_skips_transfer_rows_and_distillation_terms_use_them():
+  rng = np.random.default_rng(3)
+  s = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  labels = jnp.array([0, 1, 2, 3, 0, 1])
+  labeled = jnp.array([True, True, True, False, False, False])
+  from kd_jax.train.terms import Outputs  # pylint: disable=g-import-not-at-top
+  ctx = TermContext(student=Outputs(s, {}), teacher=Outputs(t, {}),
+                    batch={"label": labels, "labeled": labeled}, student_params=None,
+                    axis_name=None, step=jnp.zeros((), jnp.int32))
+  logp = np.asarray(jax.nn.log_softmax(s.astype(jnp.float64)))
+  want_ce = -np.mean(logp[np.arange(3), np.asarray(labels)[:3]])
+  np.testing.assert_allclose(terms_lib.build_term("ce")(ctx), want_ce, rtol=1e-6)
+  # KD reads every row, the transfer rows included.
+  pt, ps = jax.nn.softmax(t / 2.0), jax.nn.log_softmax(s / 2.0)
+  want_kd = 4.0 * np.mean(np.sum(np.asarray(pt) * (np.log(np.asarray(pt)) - np.asarray(ps)), -1))
+  np.testing.assert_allclose(terms_lib.build_term("kd", temperature=2.0)(ctx), want_kd,
+                             rtol=1e-5)

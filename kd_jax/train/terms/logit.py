@@ -23,7 +23,9 @@ def _positive(term: str, name: str, value) -> None:
 @register_term("ce")
 @dataclasses.dataclass(frozen=True)
 class CrossEntropy(LossTerm):
-  """Cross-entropy with the labels (optionally label-smoothed, `optax.smooth_labels`)."""
+  """Cross-entropy with the labels (optionally label-smoothed, `optax.smooth_labels`), mean over
+  the valid rows that carry a label: a batch entry "labeled" (bool [b]) marks the rows of a
+  transfer set, which only the distillation terms use."""
 
   label_smoothing: float = 0.0
   needs_teacher = False
@@ -33,7 +35,12 @@ class CrossEntropy(LossTerm):
     onehot = jax.nn.one_hot(ctx.labels, logits.shape[-1])
     if self.label_smoothing:
       onehot = optax.smooth_labels(onehot, self.label_smoothing)
-    return masked_mean(optax.softmax_cross_entropy(logits, onehot), ctx.where)
+    where = ctx.where
+    labeled = ctx.batch.get("labeled")
+    if labeled is not None:
+      labeled = jnp.asarray(labeled, bool)
+      where = labeled if where is None else where & labeled
+    return masked_mean(optax.softmax_cross_entropy(logits, onehot), where)
 
 
 @register_term("kd")
