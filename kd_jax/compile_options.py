@@ -7,6 +7,9 @@ CIFAR stage-1 3x3 convolution (batch 64, 32x32, 64 -> 64) takes 63 ms at 76 GFLO
 XLA's own (Eigen) convolution takes 34 ms at 141 GFLOP/s on both cores; the filter gradients
 gain even more (benchmarks/README.md has the measurements). `CPU_COMPILER_OPTIONS` keeps
 YNNPACK for what it does well (matrix products, reductions) and gives convolutions back to XLA.
+The options and their check live in `kd_jax.backends.cpu` with the library's other XLA:CPU-only
+code; a jaxlib that rejects them (a renamed experimental flag or value) gets no options and one
+warning, not a failing compilation at every step.
 
 They are passed per computation (`jax.jit(..., compiler_options=...)`), never through the
 process-wide `XLA_FLAGS`, so importing kd_jax changes nothing in the user's own programs. The
@@ -28,24 +31,21 @@ from typing import Any, Callable
 
 import jax
 
-__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "jit"]
+from kd_jax.backends import cpu as _cpu
+from kd_jax.backends.cpu import CPU_COMPILER_OPTIONS
 
-# The default YNNPACK fusion types of jaxlib 0.10.2 minus `individual_convolution` (the per-call
-# spelling of `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`: both
-# give the same compiled program, tests/test_compile_options.py checks it).
-CPU_COMPILER_OPTIONS: dict[str, str] = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-}
+__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "jit"]
 
 
 def compiler_options(platform: str | None = None) -> dict[str, str]:
   """The options for `platform` ("cpu", "gpu", "tpu"; default: JAX's default backend).
 
-  `CPU_COMPILER_OPTIONS` on CPU, `{}` elsewhere. Returns a fresh dict.
+  On CPU `CPU_COMPILER_OPTIONS` if this jaxlib accepts them (checked once, see
+  `kd_jax.backends.cpu.compiler_options`), else `{}` with a warning; `{}` elsewhere. Returns a
+  fresh dict.
   """
   platform = platform or jax.default_backend()
-  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+  return _cpu.compiler_options() if platform == "cpu" else {}
 
 
 def jit(fun: Callable[..., Any], **jit_kwargs) -> Callable[..., Any]:

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kd_jax.backends.cpu import row_sum  # sum over the last axis, a GEMV on CPU
+
 # Matches torch.nn.functional.normalize's default eps, which the reference implementations use.
 NORM_EPS = 1e-12
 
@@ -66,31 +68,12 @@ def masked_log_softmax(logits, mask=None, axis: int = -1):
   return jnp.where(mask, safe_logits - lse, 0.0)
 
 
-def row_sum(x):
-  """sum over the last axis; on CPU computed as the matrix-vector product `x @ ones`.
-
-  XLA:CPU in jaxlib 0.10.2 hands a row reduction, together with the elementwise ops that feed
-  it, to a YNNPACK fusion, and those are slow on a loss's small arrays: in PTLoss's value+grad
-  at B = 256, K = 100 the two fusions carrying the loss and its gradient took 64 us each, where
-  XLA's own loop fusions of the same ops take 14-22 us plus 4 us for a GEMV. A dot is not fused
-  with its producers, so they stay in XLA's loop fusion. KD value+grad takes 0.6-0.9x the time
-  of the same KL written with `jax.nn.log_softmax` and `jnp.sum` (B = 256 and 4096 with K = 100,
-  B = 16 with K = 32,000; benchmarks/ptloss_selection.py). The product runs at
-  `Precision.HIGHEST` (a float32 accumulation, like `jnp.sum`). Off CPU it is `jnp.sum`.
-  """
-  def as_dot(x):
-    total = jnp.matmul(x, jnp.ones(x.shape[-1:], x.dtype), precision=lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-    return total.astype(x.dtype)  # accumulated in at least float32, returned as jnp.sum would
-
-  return lax.platform_dependent(x, cpu=as_dot, default=lambda x: jnp.sum(x, axis=-1))
-
-
 def softmax_and_logsumexp(z):
   """`(softmax(z), logsumexp(z))` along the last axis from one exp: `log softmax = z - lse`.
 
   `p = e / sum(e)` with `e = exp(z - max z)` (the max held constant for autodiff, as in
-  `jax.nn.log_softmax`), and the sum is `row_sum`. `lse` keeps its trailing axis of size 1.
+  `jax.nn.log_softmax`), and the sum is `row_sum` (`kd_jax.backends.cpu.row_sum`, a GEMV on
+  CPU). `lse` keeps its trailing axis of size 1.
   """
   top = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
   e = jnp.exp(z - top)

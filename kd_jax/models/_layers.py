@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kd_jax.backends.cpu import relu  # noqa: F401  (the XLA:CPU-friendly form)
 from kd_jax.models import _conv
 
 # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"), RepDistiller's conv init.
@@ -60,7 +61,8 @@ class TorchBatchNorm(nnx.BatchNorm):
       use_running_average = self.use_running_average
     if use_running_average or mask is not None:
       return super().__call__(x, use_running_average, mask=mask)
-    old = self.var[...]
+    # A copy: inside a trace the Variable may hold a mutable reference that the update rewrites.
+    old = jnp.array(self.var[...], copy=True)
     y = super().__call__(x, False)
     n = x.size // x.shape[-1]
     if n > 1:
@@ -85,22 +87,6 @@ def linear(in_features: int, out_features: int, *, bias: bool = True, dtype=None
   """`torch.nn.Linear(in_features, out_features)`; the kernel is stored [in, out]."""
   return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype,
                     param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
-
-
-def relu(x):
-  """ReLU, max(x, 0), written as `where(x <= 0, 0, x)` (NaN still propagates, gradient 0 at 0,
-  as `jax.nn.relu`).
-
-  Why not `jnp.maximum(x, 0)`: XLA duplicates an "effectively unary" producer such as
-  `maximum(x, 0)`, and with it the residual sum `bn2(conv2) + shortcut` that feeds it, into every
-  consumer. One consumer is the transposed copy XLA:CPU makes of each convolution's input for the
-  filter gradient ([N,H,W,C] -> [C,H,W,N]); recomputing two strided inputs there costs 5-10x a
-  plain transpose (38 ms vs 3-8 ms for one CIFAR stage-1 activation, batch 64). A select on a
-  compare has two full-size operands, so XLA materialises it once and the transpose reads it:
-  the resnet8x4 train step is 9% faster, the resnet32x4 -> resnet8x4 KD step 7%
-  (docs/performance.md, B15). Same values and gradients as `jax.nn.relu`.
-  """
-  return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 def global_avg_pool(x):
