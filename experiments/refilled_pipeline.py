@@ -1,17 +1,9 @@
 """ReFilled's two-stage pipeline: teacher on classes A, student on classes B, stage 1 + stage 2
 vs the student alone (run it with `python -m experiments.refilled`).
 
-  python -m experiments.refilled --config=experiments/configs/refilled_digits.py \\
-      --workdir=./workdir/refilled_digits
-  python -m experiments.refilled --config=experiments/configs/refilled_cifar100.py \\
-      --config.student.model=wrn_16_2 --workdir=./workdir/refilled_cifar100_wrn_16_2
-  python -m experiments.refilled --config=experiments/configs/refilled_cub.py \\
-      --config.student.options.width_multiplier=0.5 --workdir=./workdir/refilled_cub_050
-
-Prints test accuracy (mean ± std over `config.seeds`) per class setting and writes
-`<workdir>/results.json` (summary and every run) and each run's own results.json, metrics,
-TensorBoard events and Orbax checkpoints under `<workdir>/<setting>/seed_<seed>/`. Restarted
-with the same workdir it resumes. See docs/refilled.md.
+The commands are in `experiments/refilled.py`; results go to `<workdir>/results.json` (summary
+and every run) and, per run, `<workdir>/<setting>/seed_<seed>/` (results.json, metrics,
+TensorBoard events, Orbax checkpoints); a restart resumes. See docs/refilled.md.
 
 In order, for one class split and one seed (`run_setting`):
 
