@@ -4,7 +4,10 @@ tests/fixtures/train/trajectory_golden.npz (written by make_trajectory_golden.py
 holds five float32 steps of RepDistiller's loop for a resnet14 teacher and a resnet8 student,
 batch 16, 10 classes, for KD ("ce:0.1,kd:0.9", T = 4), SP ("ce:1,sp:3000" on `pre_pool`) and
 CRD ("ce:1,crd:0.8": its heads, memory banks and Z), SGD lr 0.05, momentum 0.9, weight decay
-5e-4, PyTorch batch norm. This test converts the initial weights with
+5e-4, PyTorch batch norm. SP's student is the shared one with every convolution kernel times
+`meta/sp/kernel_scale` (8: the same function, as each convolution feeds a batch norm, with SP's
+large steps 64x smaller relative to the kernels, so that a ReLU decision flipped by float32
+rounding does not separate the trajectories). This test converts the initial weights with
 `kd_jax.models.torch_convert`, runs kd_jax's step five times in float32 on one device and checks
 every step's losses and, after the fifth step, every student parameter, every batch-norm
 statistic and CRD's heads, memory banks and normalisers.
@@ -51,6 +54,15 @@ def _meta(g, key):
   return g[f"meta/{key}"].item()
 
 
+def _init_student_sd(g, method):
+  """The method's initial student state dict: SP's convolution kernels x meta/sp/kernel_scale."""
+  sd = _sd(g, "init/student/sd/")
+  if method == "sp":
+    scale = np.float16(_meta(g, "sp/kernel_scale"))
+    sd = {k: v * scale if v.ndim == 4 else v for k, v in sd.items()}
+  return sd
+
+
 # ------------------------------------------------------------------ the kd_jax side, in one place
 
 def run_kd_jax(g, method, *, tx=None, edit_student=None):
@@ -75,7 +87,7 @@ def run_kd_jax(g, method, *, tx=None, edit_student=None):
 
   num_classes = _meta(g, "num_classes")
   student = torch_convert.model_from_torch_state_dict(
-      _meta(g, "student"), _sd(g, "init/student/sd/"), num_classes=num_classes)
+      _meta(g, "student"), _init_student_sd(g, method), num_classes=num_classes)
   if edit_student is not None:
     edit_student(student)
   teacher = torch_convert.model_from_torch_state_dict(
@@ -184,6 +196,8 @@ def test_fixture_is_the_recipe(golden):
   assert _meta(golden, "spec/kd") == "ce:0.1,kd:0.9(temperature=4)"
   assert _meta(golden, "spec/sp") == "ce:1,sp:3000"
   assert _meta(golden, "spec/crd").startswith("ce:1,crd:0.8(")
+  # SP's student differs only by a power-of-two kernel scale (exact; the same function).
+  assert _meta(golden, "sp/kernel_scale") == 8.0
   # 5 batches of 16 over 64 examples: the fifth revisits examples (CRD memory rows written twice).
   idx = golden["data/batch_index"]
   assert idx.shape == (5, 16) and len(np.unique(idx)) == 64
