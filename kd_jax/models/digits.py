@@ -50,13 +50,16 @@ class DigitsCNN(nnx.Module):
 class DigitsMLP(nnx.Module):
   """flatten -> linear(in->h1) ReLU [stem] -> linear(h1->h2) ReLU [stage1] -> linear(h2->classes).
 
+  Also the MNIST-1D MLP (`mlp_mnist1d`, `kd_jax.models.mnist1d`).
+
   With (64, 32) hidden units, 64 inputs and 10 classes it has 6,570 parameters.
   """
 
   def __init__(self, *, num_classes: int, hidden: tuple[int, int] = (64, 32),
-               in_features: int = 64, dtype=None, rngs: nnx.Rngs):
+               in_features: int = 64, dtype=None, name: str = "mlp_digits", rngs: nnx.Rngs):
     self.dtype = dtype
     self.in_features = in_features
+    self.name = name  # the registered name, for error messages
     self.fc1 = L.linear(in_features, hidden[0], dtype=dtype, rngs=rngs)
     self.fc2 = L.linear(hidden[0], hidden[1], dtype=dtype, rngs=rngs)
     self.fc3 = L.linear(hidden[1], num_classes, dtype=dtype, rngs=rngs)
@@ -66,7 +69,7 @@ class DigitsMLP(nnx.Module):
     x = L.to_compute(x, self.dtype)
     x = x.reshape(x.shape[0], -1)
     if x.shape[1] != self.in_features:
-      raise ValueError(f"mlp_digits expects {self.in_features} input values per example, "
+      raise ValueError(f"{self.name} expects {self.in_features} input values per example, "
                        f"got input of shape {x.shape}")
     pre0 = self.fc1(x)
     stem = L.relu(pre0)

@@ -27,6 +27,7 @@ from flax import nnx
 from kd_jax.models import _conv
 from kd_jax.models import _layers as L
 from kd_jax.models._registry import register
+from kd_jax.models.digits import DigitsMLP
 
 MNIST1D_LENGTH = 40
 
@@ -88,37 +89,6 @@ class Mnist1DCNN(nnx.Module):
     return logits, feats
 
 
-class Mnist1DMLP(nnx.Module):
-  """flatten -> linear(in->h) ReLU [stem] -> linear(h->h) ReLU [stage1] -> linear(h->classes).
-
-  Parameters: (in + 1) h + (h + 1) h + (h + 1) k; 15,210 with the paper's h = 100, 40 inputs
-  and 10 classes.
-  """
-
-  def __init__(self, *, num_classes: int, hidden: int = 100, in_features: int = MNIST1D_LENGTH,
-               dtype=None, rngs: nnx.Rngs):
-    self.dtype = dtype
-    self.in_features = in_features
-    self.fc1 = L.linear(in_features, hidden, dtype=dtype, rngs=rngs)
-    self.fc2 = L.linear(hidden, hidden, dtype=dtype, rngs=rngs)
-    self.fc3 = L.linear(hidden, num_classes, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x, *, train: bool):
-    del train  # no batch norm or dropout
-    x = L.to_compute(x, self.dtype)
-    x = x.reshape(x.shape[0], -1)
-    if x.shape[1] != self.in_features:
-      raise ValueError(f"mlp_mnist1d expects {self.in_features} input values per example, "
-                       f"got input of shape {x.shape}")
-    pre0 = self.fc1(x)
-    stem = L.relu(pre0)
-    pre1 = self.fc2(stem)
-    s1 = L.relu(pre1)
-    logits = self.fc3(s1).astype("float32")
-    feats = {"stem": stem, "stage1": s1, "preact_stage1": pre1, "pre_pool": s1, "embedding": s1}
-    return logits, feats
-
-
 @register("cnn1d_mnist1d")
 def cnn1d_mnist1d(*, num_classes, rngs, width: int = 32, in_channels: int = 1, dtype=None):
   """The MNIST-1D teacher: 4-layer BN 1-D CNN (22,698 parameters at width 32, 10 classes)."""
@@ -137,6 +107,8 @@ def cnn1d_mnist1d_narrow(*, num_classes, rngs, width: int = 3, in_channels: int 
 @register("mlp_mnist1d")
 def mlp_mnist1d(*, num_classes, rngs, hidden: int = 100, in_features: int = MNIST1D_LENGTH,
                 dtype=None):
-  """The paper's MNIST-1D MLP, 40-100-100-10 (15,210 parameters, 10 classes)."""
-  return Mnist1DMLP(num_classes=num_classes, hidden=hidden, in_features=in_features,
-                    dtype=dtype, rngs=rngs)
+  """The paper's MNIST-1D MLP, 40-100-100-10: flatten -> linear(in->h) ReLU [stem] ->
+  linear(h->h) ReLU [stage1] -> linear(h->classes). Parameters: (in + 1) h + (h + 1) h +
+  (h + 1) k; 15,210 with h = 100, 40 inputs and 10 classes."""
+  return DigitsMLP(num_classes=num_classes, hidden=(hidden, hidden), in_features=in_features,
+                   dtype=dtype, name="mlp_mnist1d", rngs=rngs)
