@@ -185,3 +185,16 @@ def test_ce_skips_transfer_rows_and_distillation_terms_use_them():
   want_kd = 4.0 * np.mean(np.sum(np.asarray(pt) * (np.log(np.asarray(pt)) - np.asarray(ps)), -1))
   np.testing.assert_allclose(terms_lib.build_term("kd", temperature=2.0)(ctx), want_kd,
                              rtol=1e-5)
+
+
+def test_parsed_terms_take_further_options_and_term_objects_refuse_them():
+  kd, = terms_lib.parse_terms(terms_lib.parse_terms("kd:0.9"), {"kd": {"temperature": 2.0}})
+  assert kd.term.temperature == 2.0 and kd.weight == 0.9
+
+  def logit_mse(ctx):
+    return jnp.mean(jnp.square(ctx.student.logits - ctx.teacher.logits))
+
+  with pytest.raises(ValueError, match="term object"):
+    terms_lib.parse_terms([logit_mse], {"logit_mse": {"scale": 2.0}})
+  warm, = terms_lib.parse_terms([logit_mse], {"logit_mse": {"warmup_steps": 10}})
+  assert warm.warmup_steps == 10

@@ -258,7 +258,8 @@ def _split_top_level(spec: str) -> list[str]:
   return [p for p in parts if p.strip()]
 
 
-def _parse_string(spec: str) -> list[tuple[str, float, dict[str, Any]]]:
+def _parse_string(spec: str) -> list[tuple[str, float, dict[str, Any], None]]:
+  """(name, weight, options, None) per term of a spec string (no term built yet)."""
   raw = []
   for part in _split_top_level(spec):
     m = _TERM_RE.match(part)
@@ -276,7 +277,7 @@ def _parse_string(spec: str) -> list[tuple[str, float, dict[str, Any]]]:
         raise ValueError(f"loss term {part.strip()!r}: option {kv.strip()!r} is not key=value.")
       k, v = kv.split("=", 1)
       opts[k.strip()] = _parse_value(v)
-    raw.append((name, weight, opts))
+    raw.append((name, weight, opts, None))
   return raw
 
 
@@ -312,20 +313,17 @@ def parse_terms(spec, options: Mapping[str, Mapping[str, Any]] | None = None
   else:
     raw = []
     for item in spec:
-      if isinstance(item, Term):
+      if isinstance(item, Term):  # a registered term is rebuilt, so `options` reach it
         raw.append((item.name, item.weight, dict(item.options, warmup_steps=item.warmup_steps),
-                    item.term))
+                    None if item.name in _REGISTRY else item.term))
       elif isinstance(item, str):
-        raw.extend(r + (None,) for r in _parse_string(item))
+        raw.extend(_parse_string(item))
       elif isinstance(item, LossTerm) or callable(item):
         term = item if isinstance(item, LossTerm) else FunctionTerm(item)
         raw.append((_term_name(item), 1.0, {}, term))
       else:
         raise ValueError(f"cannot read loss term {item!r}: expected a spec string, a Term, a "
                          "LossTerm or a callable.")
-    raw = [r if len(r) == 4 else r + (None,) for r in raw]
-  if isinstance(spec, str):
-    raw = [r + (None,) for r in raw]
   if not raw:
     raise ValueError(f"empty loss spec {spec!r}; known terms: {', '.join(known_terms())}.")
   unknown_opts = sorted(set(options) - {r[0] for r in raw})
@@ -339,6 +337,9 @@ def parse_terms(spec, options: Mapping[str, Mapping[str, Any]] | None = None
     seen.add(name)
     if not (math.isfinite(weight) and weight >= 0):
       raise ValueError(f"loss term {name!r}: weight {weight} must be finite and >= 0.")
+    if built is not None and set(options.get(name, {})) - {"warmup_steps"}:
+      raise ValueError(f"loss term {name!r} is a term object: set its options on the object, "
+                       "not in the options mapping.")
     opts = {**dict(options.get(name, {})), **opts}
     warmup = int(opts.pop("warmup_steps", 0) or 0)
     frozen = tuple(sorted((k, _freeze(v)) for k, v in opts.items()))
