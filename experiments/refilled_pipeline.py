@@ -249,7 +249,7 @@ class _Runner:
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis)
-    if any(terms_lib.owns_variables(t.term) for t in step.terms):
+    if step.owns_variables:
       example = jax.tree.map(lambda x: x[:1], next(iter(self.data.train(role))))
       state = step.init(state, example, None if teacher is None else teacher.variables,
                         num_data=self.data.num_train[role])

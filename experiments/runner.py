@@ -209,24 +209,27 @@ class Runner:
     self.data = Dataset(config)
     self.progress = bool(config.get("progress", True))
 
+  def evaluate(self, eval_step, variables, split: str) -> dict[str, float]:
+    """`kd_jax.train.evaluate` of `variables` ({"params", "batch_stats"}) on `split`."""
+    variables = dict(variables)
+    if self.mesh is not None:
+      variables = parallel.replicate(variables, self.mesh)
+    return evaluate(eval_step, variables, self.data.eval(split), mesh=self.mesh)
+
+  def accuracy(self, eval_step, variables, split: str) -> float:
+    """Top-1 accuracy of `variables` on `split`."""
+    return self.evaluate(eval_step, variables, split)["accuracy"]
+
   def eval_fn(self, graphdef, split):
+    """`fn(state or variables) -> {"split": split, metric: value}` (the loop's `eval_fn`)."""
     step = make_eval_step(graphdef, self.mesh)
 
     def fn(state_or_vars):
       variables = (state_or_vars.variables() if isinstance(state_or_vars, TrainState)
-                   else dict(state_or_vars))
-      if self.mesh is not None:
-        variables = parallel.replicate(variables, self.mesh)
-      return {"split": split, **evaluate(step, variables, self.data.eval(split), mesh=self.mesh)}
+                   else state_or_vars)
+      return {"split": split, **self.evaluate(step, variables, split)}
 
     return fn
-
-  def accuracy(self, eval_step, variables, split: str) -> float:
-    """Top-1 accuracy of `variables` ({"params", "batch_stats"}) on `split`."""
-    variables = dict(variables)
-    if self.mesh is not None:
-      variables = parallel.replicate(variables, self.mesh)
-    return evaluate(eval_step, variables, self.data.eval(split), mesh=self.mesh)["accuracy"]
 
   def fit(self, name, model, cfg, loss, *, teacher=None, loss_options=None):
     spe = self.data.steps_per_epoch
@@ -235,11 +238,10 @@ class Runner:
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis)
-    keys = {k for t in step.terms for k in t.term.batch_keys}
-    with_index = "index" in keys
+    with_index = "index" in step.batch_keys
     # Terms that own parameters or state (connectors, heads, memory banks) initialise them from
     # the models' output shapes on one example batch.
-    if any(terms_lib.owns_variables(t.term) for t in step.terms):
+    if step.owns_variables:
       example = next(iter(self.data.train(0, with_index=with_index)))
       state = step.init(state, jax.tree.map(lambda x: x[:1], example),
                         None if teacher is None else teacher.variables,
@@ -399,8 +401,7 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
                 for m, spec in specs.items()}
   step = make_multi_student_step(specs, teacher_graphdef=teacher.graphdef,
                                  loss_options=per_method, axis_name=axis)
-  with_index = any("index" in t.term.batch_keys for sub in step.steps.values()
-                   for t in sub.terms)
+  with_index = any("index" in sub.batch_keys for sub in step.steps.values())
   example = None
   inits = []
   for seed in seeds:  # one initialisation per seed, copied for every method
@@ -412,7 +413,7 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
     for seed, (graphdef, init) in zip(seeds, inits):
       st = TrainState.create(nnx.merge(graphdef, jax.tree.map(jnp.array, init)), tx,
                              rng=jax.random.key(seed))
-      if any(terms_lib.owns_variables(t.term) for t in sub.terms):
+      if sub.owns_variables:
         if example is None:
           example = jax.tree.map(lambda x: x[:1],
                                  next(iter(runner.data.train(0, with_index=with_index))))

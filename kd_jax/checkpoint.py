@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["check_arrays", "flat_paths", "from_saveable", "key_name", "nest", "to_saveable"]
+__all__ = ["abstract_saveable", "check_arrays", "flat_paths", "from_saveable", "key_name", "nest",
+           "to_saveable"]
 
 
 def key_name(key) -> str:

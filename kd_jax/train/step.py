@@ -30,7 +30,8 @@ from flax import nnx
 
 from kd_jax.parallel import BATCH_AXIS
 from kd_jax.train.state import TrainState, split_trainable
-from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, parse_terms
+from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, owns_variables
+from kd_jax.train.terms import parse_terms
 from kd_jax.train.terms import run_terms
 
 
@@ -104,7 +105,8 @@ def make_train_step(loss, *,
     current weight) and "accuracy" (student top-1 on the batch), all averaged over devices.
     `step.terms` holds the parsed terms; `step.init(state, batch, teacher_variables=None, *,
     num_data=None)` returns `state` with every term's parameters and state initialised (call it
-    once before training when a term owns any: fitnet, cc, crd).
+    once before training when `step.owns_variables`: fitnet, cc, crd); `step.batch_keys` names
+    the batch entries the terms read besides the input and labels.
 
   Raises:
     ValueError: an unknown term, or a term that needs a teacher when none is given.
@@ -193,6 +195,9 @@ def make_train_step(loss, *,
 
   step.terms = terms
   step.init = init
+  # Whether `init` has anything to do, and the batch entries the terms read (CRD: "index").
+  step.owns_variables = any(owns_variables(t.term) for t in terms)
+  step.batch_keys = frozenset(k for t in terms for k in t.term.batch_keys)
   step.update = update
   step.teacher_of = teacher_of
   return step
