@@ -501,3 +501,27 @@ def test_ncm_accuracy_by_hand():
   np.testing.assert_allclose(
       losses.ncm_accuracy(x, y, centers, where=jnp.asarray([True, True, False, False])), 1.0)
   assert float(losses.ncm_accuracy(x, y, centers, where=jnp.zeros(4, bool))) == 0.0
+
+
+def test_stage1_axis_name_mines_triplets_in_the_global_batch():
+  # Under shard_map over 4 devices with axis_name, every device returns the loss of the whole
+  # batch computed on one device (mining across shards), which differs from a shard's own.
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  s, t, y = _random_batch(seed=5)
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  keep = jnp.arange(len(y)) != 1
+
+  def per_device(s, t, y, keep):
+    return losses.refilled_relationship(s, t, y, where=keep, axis_name="batch")[None]
+
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("batch"),) * 4,
+                                 out_specs=P("batch")))
+  put = lambda a: jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("batch")))  # noqa: E731
+  got = np.asarray(mapped(put(s), put(t), put(y), put(keep)))
+  want = float(losses.refilled_relationship(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y),
+                                            where=keep))
+  np.testing.assert_allclose(got, np.full(4, want), rtol=1e-5)
+  shard = float(losses.refilled_relationship(jnp.asarray(s[:3]), jnp.asarray(t[:3]),
+                                             jnp.asarray(y[:3]), where=keep[:3]))
+  assert abs(shard - want) > 1e-6

@@ -155,3 +155,14 @@ def test_mlp_rejects_wrong_input_size():
   model = models.create("mlp_digits", num_classes=10)
   with pytest.raises(ValueError, match="64 input values"):
     model(jnp.zeros((2, 4, 4, 1)), train=False)
+
+
+def test_create_compiled_gives_the_parameters_of_create():
+  eager = models.create("resnet8", num_classes=10, rngs=nnx.Rngs(3))
+  compiled = models.create_compiled("resnet8", num_classes=10, seed=3)
+  a, b = nnx.state(eager), nnx.state(compiled)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
