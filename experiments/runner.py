@@ -61,10 +61,10 @@ class Dataset:
     self.seed = int(config.seed)
     self._transfer = None
     if self.name in ("digits", "mnist1d"):
+      dcfg = config.get("data", None) or ml_collections.ConfigDict()
       if self.name == "digits":
         splits = data_lib.load_digits(seed=self.seed)
       else:
-        dcfg = config.get("data", ml_collections.ConfigDict())
         splits = data_lib.load_mnist1d(num_samples=int(dcfg.get("num_samples", 5000)),
                                        seed=int(dcfg.get("seed", 0)),
                                        split_seed=int(dcfg.get("split_seed", 0)))
@@ -75,7 +75,22 @@ class Dataset:
           self._transfer_batch = int(dcfg.get("transfer_batch_size", self.batch_size))
       self.num_classes = splits.num_classes
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
-      self.num_train = len(splits.train["label"])
+      self._teacher_train = splits.train
+      per_class = int(dcfg.get("labels_per_class", 0) or 0)
+      if per_class:  # few labels: the students' labelled set is a class-balanced subset
+        keep = data_lib.balanced_subset(splits.train["label"], per_class,
+                               seed=int(dcfg.get("subset_seed", 0)))
+        rest = np.setdiff1d(np.arange(len(splits.train["label"])), keep)
+        self._splits["train"] = {k: v[keep] for k, v in splits.train.items()}
+        if dcfg.get("transfer_rest", False):  # the other training inputs, without labels
+          if self._transfer is not None:
+            raise ValueError("config.data: transfer_rest and transfer_samples are exclusive.")
+          self._transfer = {"image": splits.train["image"][rest],
+                            "label": splits.train["label"][rest],
+                            "labeled": np.zeros(rest.shape, bool)}
+          self._transfer_batch = int(dcfg.get("transfer_batch_size", self.batch_size))
+      self.num_train = len(self._splits["train"]["label"])
+      self.num_teacher_train = len(splits.train["label"])
       self.image_shape = tuple(splits.train["image"].shape[1:])
     elif self.name in data_lib.CIFAR_NUM_CLASSES:
       self.num_classes = data_lib.CIFAR_NUM_CLASSES[self.name]
@@ -86,15 +101,21 @@ class Dataset:
           "val": data_lib.tfds_source(self.name, config.get("val_split", "test"),
                                       data_dir=self.data_dir),
           "test": data_lib.tfds_source(self.name, "test", data_dir=self.data_dir)}
-      self.num_train = len(self._sources["train"])
+      self.num_train = self.num_teacher_train = len(self._sources["train"])
       self.image_shape = (32, 32, 3)  # the CIFAR pipeline's output (kd_jax.data.cifar)
     else:
       raise ValueError(f"unknown dataset {self.name!r}; expected 'digits', 'mnist1d' or one of "
                        f"{sorted(data_lib.CIFAR_NUM_CLASSES)}.")
     self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, self.batch_size)
+    self.teacher_steps_per_epoch = data_lib.steps_per_epoch(self.num_teacher_train,
+                                                            self.batch_size)
 
-  def train(self, start_step: int = 0, *, with_index: bool = False, transfer: bool = False):
+  def train(self, start_step: int = 0, *, with_index: bool = False, transfer: bool = False,
+            teacher: bool = False):
     """The training stream from `start_step`; `with_index` adds each example's "index" (CRD).
+
+    `teacher`: the teacher's training split (all of it; the students' labelled split is a subset
+    of it when `config.data.labels_per_class` > 0).
 
     `transfer`: with a transfer set (`config.data.transfer_samples`), every batch is the same
     labelled batch as without it, followed by `transfer_batch_size` transfer rows; "labeled"
@@ -103,7 +124,7 @@ class Dataset:
     """
     shards = dict(num_shards=jax.process_count(), shard_index=jax.process_index())
     if self.name in ("digits", "mnist1d"):
-      arrays = self._splits["train"]
+      arrays = self._teacher_train if teacher else self._splits["train"]
       if with_index:
         arrays = {**arrays, "index": np.arange(self.num_train, dtype=np.int32)}
       stream = data_lib.batches(arrays, batch_size=self.batch_size, seed=self.seed,
@@ -231,35 +252,24 @@ class Runner:
 
     return fn
 
-  def fit(self, name, model, cfg, loss, *, teacher=None, loss_options=None):
-    spe = self.data.steps_per_epoch
+  def fit_teacher(self, name, model, cfg, loss):
+    """Trains the teacher (on its whole training split) with `loss`; returns (state, history)."""
+    spe = self.data.teacher_steps_per_epoch
     tx = _optimizer(cfg, spe)
     state = TrainState.create(model, tx, rng=jax.random.key(int(self.config.seed)))
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
-    step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
-                           loss_options=loss_options, axis_name=axis)
-    with_index = "index" in step.batch_keys
-    # Terms that own parameters or state (connectors, heads, memory banks) initialise them from
-    # the models' output shapes on one example batch.
-    if step.owns_variables:
-      example = next(iter(self.data.train(0, with_index=with_index)))
-      state = step.init(state, jax.tree.map(lambda x: x[:1], example),
-                        None if teacher is None else teacher.variables,
-                        num_data=self.data.num_train)
+    step = make_train_step(loss, axis_name=axis)  # a teacher's loss reads no teacher
     num_steps = _num_steps(cfg, spe)
     run_info = {"loss": [str(t) for t in step.terms], "model": cfg.model,
                 "model_options": {k: v for k, v in _model_options(cfg).items()},
                 "num_steps": num_steps, "batch_size": self.data.batch_size,
                 "optimizer": {k: cfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                       "decay_epochs", "decay_rate")},
-                "teacher": None if teacher is None else teacher.path,
                 "dataset": self.data.name, "seed": int(self.config.seed)}
     eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
     return loop.fit(
-        state, step, functools.partial(self.data.train, with_index=with_index),
-        num_steps=num_steps,
-        teacher_variables=None if teacher is None else teacher.variables, mode=self.mode,
-        mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
+        state, step, functools.partial(self.data.train, teacher=True), num_steps=num_steps,
+        mode=self.mode, mesh=self.mesh, workdir=os.path.join(self.workdir, name), name=name,
         checkpoint_every=int(self.config.get("checkpoint_every", 0) or 0),
         log_every=int(self.config.get("log_every", 50)), eval_every=eval_every,
         eval_fn=self.eval_fn(state.graphdef, "val"), progress=self.progress, run_info=run_info)
@@ -279,7 +289,7 @@ def _teacher(runner: Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
                             "exist; leave it empty to train a teacher in the workdir.")
   model = create_model(tcfg.model, num_classes=num_classes, seed=int(config.seed) + 1000,
                        **_model_options(tcfg))
-  state, _ = runner.fit("teacher", model, tcfg, "ce:1")
+  state, _ = runner.fit_teacher("teacher", model, tcfg, "ce:1")
   trained = state.model()
   teachers.save_teacher(path, trained, overwrite=True)  # every process calls it (Orbax syncs)
   return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,

@@ -16,7 +16,10 @@ loss weights follow RepDistiller's CIFAR-100 recipe (KD: CE 0.1 + KD 0.9 at T = 
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The full-label table; `digits.py:few` 10 labelled images per class (the teacher on the whole
+  training split), `digits.py:few_transfer` the same with the other training images unlabelled
+  for the distillation terms (a transfer set)."""
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
   c.seed = 0                   # data order; the students' seeds start here
@@ -85,4 +88,42 @@ def get_config() -> ml_collections.ConfigDict:
   # "sq_l2" (Brier) or "ce" (log score), both proper, or "tvd".
   c.ptloss.distance = "l2"
   c.ptloss.epsilon = (0.0,)
+  if arg in ("few", "few_transfer"):
+    _few_labels(c, transfer=arg == "few_transfer")
+  elif arg:
+    raise ValueError(f"unknown digits config argument {arg!r}; expected '', 'few' or "
+                     "'few_transfer'.")
   return c
+
+
+def _few_labels(c: ml_collections.ConfigDict, *, transfer: bool) -> None:
+  """10 labelled images per class for the students, 5 seeds, KD / PTLoss at the same T and SP's
+  weight chosen on validation (as the MNIST-1D table)."""
+  c.data = ml_collections.ConfigDict({"labels_per_class": 10, "subset_seed": 0,
+                                      "transfer_rest": transfer, "transfer_batch_size": 100})
+  c.seeds = 5
+  c.batch_size = 50
+  c.num_devices = 1            # small models: one device is the fastest on a CPU host
+  c.checkpoint_every = 0
+  c.log_every = 100
+  c.progress = False
+  c.eval_every_epochs = 50     # 2 labelled batches per epoch: every 100 steps
+  c.student.num_steps = 600
+  c.student.decay_epochs = (200, 250)  # epochs of the 100-image labelled set
+  c.methods = ml_collections.ConfigDict({
+      "student": "ce:1",
+      "kd": "ce:0.1,kd:0.9",
+      "ptloss": "ce:0.1,ptloss:14.4",
+      "sp_300": "ce:1,sp:300",
+      "sp_3000": "ce:1,sp:3000",
+      "sp_30000": "ce:1,sp:30000",
+  })
+  c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000")
+  c.select_on_val = ml_collections.ConfigDict({"sp": ("sp_300", "sp_3000", "sp_30000")})
+  c.compare = (("ptloss", "kd"),)
+  c.ptloss.distance = "sq_l2"
+  c.loss_options = ml_collections.ConfigDict({
+      "kd": {"temperature": 4.0},
+      "ptloss": {"temperature": 4.0},
+      "sp": {"feature": "pre_pool", "all_gather": False},
+  })

@@ -23,6 +23,7 @@ from kd_jax.data.sources import tfds_source
 from kd_jax.data.class_splits import ClassSplit
 from kd_jax.data.class_splits import Setting
 from kd_jax.data.class_splits import apply_split
+from kd_jax.data.class_splits import balanced_subset
 from kd_jax.data.class_splits import cifar100_settings
 from kd_jax.data.class_splits import class_split
 from kd_jax.data.class_splits import digits_settings

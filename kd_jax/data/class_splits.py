@@ -25,6 +25,7 @@ __all__ = [
     "Setting",
     "SETTING_NAMES",
     "apply_split",
+    "balanced_subset",
     "cifar100_settings",
     "class_split",
     "digits_settings",
@@ -229,3 +230,26 @@ def cifar100_settings() -> dict[str, Setting]:
   out = {"full": Setting("full", tuple(range(100)), tuple(range(100)))}
   out.update(generalized_settings(100, 50, num_shared=25))
   return out
+
+
+def balanced_subset(labels, per_class: int, *, seed: int = 0) -> np.ndarray:
+  """Sorted indices of `per_class` examples of every class, drawn without replacement.
+
+  The few-label setting of semi-supervised distillation: the student's labelled set is this
+  subset of the training split, the teacher saw all of it. The same `seed` gives the same subset.
+
+  Raises:
+    ValueError: `per_class` < 1, or a class with fewer than `per_class` examples (named).
+  """
+  labels = np.asarray(labels)
+  if per_class < 1:
+    raise ValueError(f"per_class must be >= 1, got {per_class}.")
+  rng = np.random.default_rng(seed)
+  keep = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if idx.size < per_class:
+      raise ValueError(f"class {int(c)} has {idx.size} examples, fewer than per_class="
+                       f"{per_class}.")
+    keep.append(rng.choice(idx, per_class, replace=False))
+  return np.sort(np.concatenate(keep))

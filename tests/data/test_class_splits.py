@@ -84,3 +84,32 @@ def test_generalized_settings_validation():
     cs.generalized_settings(10, 6)
   with pytest.raises(ValueError, match="num_shared"):
     cs.generalized_settings(10, 5, num_shared=5)
+
+
+def test_balanced_subset_draws_per_class_without_replacement():
+  labels = np.repeat(np.arange(4), [5, 7, 9, 3])
+  idx = cs.balanced_subset(labels, 3, seed=1)
+  assert np.all(np.diff(idx) > 0)  # sorted, no repeats
+  np.testing.assert_array_equal(np.bincount(labels[idx]), [3, 3, 3, 3])
+  np.testing.assert_array_equal(idx, cs.balanced_subset(labels, 3, seed=1))
+  assert not np.array_equal(idx, cs.balanced_subset(labels, 3, seed=2))
+  with pytest.raises(ValueError, match="class 3 has 3 examples"):
+    cs.balanced_subset(labels, 4)
+
+
+def test_few_label_digits_dataset_keeps_the_teacher_on_the_full_split():
+  from experiments import runner  # pylint: disable=g-import-not-at-top
+  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config("few_transfer")
+  data = runner.Dataset(config)
+  full = data._teacher_train["label"].shape[0]  # pylint: disable=protected-access
+  assert data.num_train == 100 and data.num_teacher_train == full == 1258
+  assert data.steps_per_epoch == 2 and data.teacher_steps_per_epoch == full // 50
+  batch = next(iter(data.train(0, transfer=True)))
+  # 50 labelled rows (5 per class on average), then 100 transfer rows from the other images.
+  np.testing.assert_array_equal(batch["labeled"], np.arange(150) < 50)
+  subset = {x.tobytes() for x in data._splits["train"]["image"]}  # pylint: disable=protected-access
+  assert all(x.tobytes() in subset for x in batch["image"][:50])
+  assert not any(x.tobytes() in subset for x in batch["image"][50:])
+  teacher_batch = next(iter(data.train(0, teacher=True)))
+  assert teacher_batch["image"].shape[0] == 50 and "labeled" not in teacher_batch
