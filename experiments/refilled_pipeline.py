@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,7 +49,8 @@ from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.evaluate import evaluate, make_eval_step
 from kd_jax.train.state import TrainState, sgd, step_decay_schedule
-from kd_jax.train.step import make_train_step
+from kd_jax.train.step import make_multi_student_step, make_train_step, stack_states
+from kd_jax.train.step import unstack_state
 
 # ------------------------------------------------------------------------------------ data
 
@@ -262,6 +264,33 @@ class _Runner:
         eval_fn=eval_fn, progress=bool(self.config.get("progress", True)))
 
 
+  def fit_stage2(self, specs, inits, cfg, teacher, loss_options, *, seed=0):
+    """Stage 2's students ({method: loss spec}, each from `inits[method]` = (graphdef, state))
+    trained at once on the same batches (`make_multi_student_step`, one teacher forward per
+    batch). Returns ({method: TrainState}, history)."""
+    spe = self.data.steps_per_epoch("student")
+    num_steps = _num_steps(cfg, spe)
+    tx = optimizer(cfg, spe, num_steps)
+    axis = None if self.mode == "none" else parallel.BATCH_AXIS
+    present = lambda spec: {t.name for t in terms_lib.parse_terms(spec)}  # noqa: E731
+    step = make_multi_student_step(
+        specs, teacher_graphdef=teacher.graphdef, axis_name=axis,
+        loss_options={m: {k: v for k, v in loss_options.items() if k in present(spec)}
+                      for m, spec in specs.items()})
+    states = {m: stack_states([TrainState.create(nnx.merge(g, jax.tree.map(jnp.array, init)), tx,
+                                                 rng=jax.random.key(seed))])
+              for m, (g, init) in inits.items()}
+    stacked, history = loop.fit(
+        states, step, functools.partial(self.data.train, "student"), num_steps=num_steps,
+        teacher_variables=teacher.variables, mode=self.mode, mesh=self.mesh,
+        workdir=os.path.join(self.workdir, "stage2"), name="stage2",
+        checkpoint_every=int(self.config.get("checkpoint_every", 0) or 0),
+        log_every=int(self.config.get("log_every", 50)),
+        progress=bool(self.config.get("progress", True)),
+        run_info={"methods": dict(specs), "num_steps": num_steps, "seed": seed})
+    return {m: unstack_state(st, 0) for m, st in stacked.items()}, history
+
+
 def _teacher(runner: _Runner, config, seed: int) -> tuple[teachers.FrozenTeacher, bool]:
   tcfg = config.teacher
   n = runner.data.num_classes["teacher"]
@@ -322,6 +351,37 @@ def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -
   return {"model": selected, **best}
 
 
+def _lambda_methods(cfg) -> dict[str, float]:
+  """{method name: lambda} of the stage-2 grid `cfg.lambdas` ("lambda_<value>")."""
+  lambdas = [float(x) for x in (cfg.get("lambdas") or (100.0,))]
+  bad = [x for x in lambdas if not (np.isfinite(x) and x >= 0)]
+  if bad:
+    raise ValueError(f"stage2.lambdas must be finite and >= 0, got {bad}.")
+  return {f"lambda_{x:g}": x for x in lambdas}
+
+
+def _control(cfg) -> str:
+  names = [m for m, lam in _lambda_methods(cfg).items() if lam == 0]
+  if not names:
+    raise ValueError("stage2.lambdas must include 0 (the control: CE from the same stage-1 "
+                     "start).")
+  return names[0]
+
+
+def stage2_specs(cfg) -> dict[str, str]:
+  """Stage 2's students: "lambda_<x>" -> `ce:1,refilled_classifier:x` ("ce:1" at 0) for every
+  lambda of `cfg.lambdas`, and "student_alone" -> "ce:1"."""
+  out = {m: "ce:1" if lam == 0 else f"ce:1,refilled_classifier:{lam:g}"
+         for m, lam in _lambda_methods(cfg).items()}
+  _control(cfg)
+  return {**out, "student_alone": "ce:1"}
+
+
+def _split(frozen: teachers.FrozenTeacher):
+  """(graphdef, state) of a trainable copy of a restored model."""
+  return nnx.split(_as_model(frozen))
+
+
 def run_setting(config: ml_collections.ConfigDict, setting: str | class_splits.Setting,
                 workdir: str, *, seed: int | None = None, data: TaskData | None = None
                 ) -> dict[str, Any]:
@@ -354,46 +414,58 @@ def run_setting(config: ml_collections.ConfigDict, setting: str | class_splits.S
                                                 **_options(scfg)))
   # Stage 1.
   sel = _stage1(runner, config, init_state, graphdef, teacher, seed)
-  # Stage 2 from the selected stage-1 model, with the teacher's global centres attached.
+  # Stage 2 from the selected stage-1 model, one student per lambda of the grid (lambda = 0 is
+  # the control: CE only from the same stage-1 start), and the student alone (CE from the random
+  # initialisation), all in one program over the same batches, the teacher's global centres
+  # attached (`with_class_centers`).
   s2 = config.stage2
-  teacher2 = teacher
-  s2_options = _loss_options(s2)
-  if ("refilled_classifier" in {t.name for t in terms_lib.parse_terms(s2.loss)} and
-      s2_options.get("refilled_classifier", {}).get("centers", "global") == "global"):
-    centers = embedding_class_centers(teacher.graphdef, teacher.variables,
-                                      data.eval("student", "train"), n)
-    teacher2 = with_class_centers(teacher, centers)
-  state2, hist2 = runner.fit(os.path.join("stage2"), _as_model(sel["model"]), s2, s2.loss,
-                             "student", teacher=teacher2, loss_options=s2_options,
-                             seed=seed)
-  # Student alone: the same initialisation, data order and optimizer as stage 2, CE only.
-  state0, _ = runner.fit("student_alone", nnx.merge(graphdef, jax.tree.map(jnp.array, init_state)),
-                         s2, "ce:1", "student", seed=seed)
-
-  # Final evaluation: the only place that reads the test splits.
-  val = {"refilled": runner.accuracy(state2.graphdef, state2.variables(), "student", "val"),
-         "student_alone": runner.accuracy(state0.graphdef, state0.variables(), "student", "val")}
-  smodel = sel["model"]
-  centers = embedding_class_centers(smodel.graphdef, smodel.variables,
+  centers = embedding_class_centers(teacher.graphdef, teacher.variables,
                                     data.eval("student", "train"), n)
+  teacher2 = with_class_centers(teacher, centers)
+  specs = stage2_specs(s2)
+  states, _ = runner.fit_stage2(
+      specs, {m: (graphdef, init_state) if m == "student_alone" else _split(sel["model"])
+              for m in specs},
+      s2, teacher2, _loss_options(s2), seed=seed)
+
+  # The teacher-induced classifier (argmax over the student's classes of <phi_T(x), c / |c|>, the
+  # stage-2 target) on the validation split: a diagnostic of what stage 2 distils.
+  induced_val = ncm_evaluate(teacher.graphdef, teacher.variables, centers,
+                             data.eval("student", "val"))
+  # Final evaluation: the only place that reads the test splits.
+  val = {m: runner.accuracy(st.graphdef, st.variables(), "student", "val")
+         for m, st in states.items()}
+  lambdas = _lambda_methods(s2)
+  chosen = max(lambdas, key=lambda m: (val[m], -lambdas[m]))  # ties: the smaller lambda
+  smodel = sel["model"]
+  s1_centers = embedding_class_centers(smodel.graphdef, smodel.variables,
+                                       data.eval("student", "train"), n)
+  stage2 = {m: {"loss": specs[m], "lambda": lambdas.get(m), "val_accuracy": val[m],
+                "test_accuracy": runner.accuracy(st.graphdef, st.variables(), "student", "test")}
+            for m, st in states.items()}
   results = {
       "dataset": config.dataset, "setting": setting.name, "seed": seed,
       "teacher_classes": list(setting.teacher_classes),
       "student_classes": list(setting.student_classes),
       "teacher": {"model": config.teacher.model, "trained_here": trained,
                   "test_accuracy": runner.accuracy(teacher.graphdef, teacher.variables,
-                                                   "teacher", "test")},
+                                                   "teacher", "test"),
+                  "induced_classifier_val_accuracy": induced_val},
       "student_model": scfg.model,
       "stage1": {"selected_step": sel["step"], "val_ncm_accuracy": sel["val_ncm_accuracy"],
-                 "test_ncm_accuracy": ncm_evaluate(smodel.graphdef, smodel.variables, centers,
-                                                   data.eval("student", "test"))},
-      "refilled": {"loss": s2.loss, "val_accuracy": val["refilled"],
-                   "test_accuracy": runner.accuracy(state2.graphdef, state2.variables(),
-                                                    "student", "test")},
-      "student_alone": {"loss": "ce:1", "val_accuracy": val["student_alone"],
-                        "test_accuracy": runner.accuracy(state0.graphdef, state0.variables(),
-                                                         "student", "test")},
+                 "test_ncm_accuracy": ncm_evaluate(smodel.graphdef, smodel.variables,
+                                                   s1_centers, data.eval("student", "test"))},
+      "stage2": stage2,
+      # lambda chosen on validation accuracy; "lambda_0" is the control (same stage-1 start).
+      "refilled": {**stage2[chosen], "selected": chosen},
+      "control": stage2[_control(s2)],
+      "student_alone": stage2["student_alone"],
   }
+  if induced_val < val["student_alone"]:
+    logging.warning(
+        "ReFilled (%s, seed %d): the teacher-induced classifier that stage 2 distils is worse on "
+        "validation (%.4f) than the student alone (%.4f); a large lambda copies it.",
+        setting.name, seed, induced_val, val["student_alone"])
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
@@ -426,32 +498,63 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, class_splits.Settin
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """Mean and (population) standard deviation over seeds, per setting, of every accuracy."""
+  """Per setting: mean and sample standard deviation over seeds of every accuracy, the selected
+  lambdas, and the paired (by seed) differences of ReFilled from the student alone and from the
+  lambda = 0 control, with 95 % t-intervals."""
+  from experiments.runner import paired_difference  # pylint: disable=g-import-not-at-top
   out = {}
   for name in dict.fromkeys(r["setting"] for r in runs):
     rs = [r for r in runs if r["setting"] == name]
     cols = {"teacher": [r["teacher"]["test_accuracy"] for r in rs],
+            "induced_classifier_val": [r["teacher"]["induced_classifier_val_accuracy"]
+                                       for r in rs],
             "student_alone": [r["student_alone"]["test_accuracy"] for r in rs],
+            "control": [r["control"]["test_accuracy"] for r in rs],
             "refilled": [r["refilled"]["test_accuracy"] for r in rs],
             "stage1_ncm": [r["stage1"]["test_ncm_accuracy"] for r in rs]}
+    for m in rs[0]["stage2"]:
+      if m.startswith("lambda_") and all(m in r["stage2"] for r in rs):
+        cols[m] = [r["stage2"][m]["test_accuracy"] for r in rs]
     out[name] = {"seeds": [r["seed"] for r in rs],
-                 **{k: {"mean": float(np.mean(v)), "std": float(np.std(v))}
-                    for k, v in cols.items()}}
+                 "selected": [r["refilled"]["selected"] for r in rs],
+                 **{k: {"mean": float(np.mean(v)),
+                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+                    for k, v in cols.items()},
+                 "paired": {"refilled - student_alone": paired_difference(
+                                cols["refilled"], cols["student_alone"]),
+                            "refilled - control": paired_difference(
+                                cols["refilled"], cols["control"]),
+                            "control - student_alone": paired_difference(
+                                cols["control"], cols["student_alone"])}}
   return out
 
 
 def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
-  """A text table: test accuracy % (mean +- std over seeds) per setting."""
-  head = ("setting", "seeds", "teacher (A)", "student alone", "ReFilled", "stage-1 NCM")
-  rows = [head]
+  """A text table per setting: test accuracy % (mean ± std over seeds) and ReFilled's paired
+  differences (95 % t-interval) from the student alone and from the lambda = 0 control."""
   fmt = lambda d: f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"  # noqa: E731
+
+  def diff(d):
+    ci = "" if d["ci95"] is None else f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+    return f"{100 * d['mean']:+.2f}{ci}"
+
+  head = ("setting", "seeds", "teacher (A)", "induced clf (val)", "student alone",
+          "lambda=0 control", "ReFilled (lambda on val)", "vs alone", "vs control",
+          "stage-1 NCM")
+  rows = [head]
   for name, s in summary.items():
-    rows.append((name, str(len(s["seeds"])), fmt(s["teacher"]), fmt(s["student_alone"]),
-                 fmt(s["refilled"]), fmt(s["stage1_ncm"])))
+    rows.append((name, str(len(s["seeds"])), fmt(s["teacher"]), fmt(s["induced_classifier_val"]),
+                 fmt(s["student_alone"]), fmt(s["control"]), fmt(s["refilled"]),
+                 diff(s["paired"]["refilled - student_alone"]),
+                 diff(s["paired"]["refilled - control"]), fmt(s["stage1_ncm"])))
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-  return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] +
-                   [line(r) for r in rows[1:]])
+  lines = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+  for name, s in summary.items():
+    grid = ", ".join(f"{k[len('lambda_'):]}: {fmt(v)}" for k, v in s.items()
+                     if k.startswith("lambda_"))
+    lines.append(f"{name}: lambda selected per seed {s['selected']}; test by lambda {grid}")
+  return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

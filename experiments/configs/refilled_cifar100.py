@@ -81,7 +81,9 @@ def get_config(student: str | None = None) -> ml_collections.ConfigDict:
   c.stage1.eval_every_epochs = 10
 
   c.stage2 = ml_collections.ConfigDict()
-  c.stage2.loss = "ce:1,refilled_classifier:100"
+  # One student per lambda from the same stage-1 model, lambda chosen on validation; 0 is the
+  # control (CE from the stage-1 start) and 100 the official value.
+  c.stage2.lambdas = (0.0, 1.0, 10.0, 100.0)
   c.stage2.loss_options = {"refilled_classifier": {"temperature": 2.0, "centers": "global"}}
   sgd_step(c.stage2)
   return c

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.class_settings = "digits"     # kd_jax.data.class_splits.digits_settings()
   c.settings = ("disjoint", "overlap", "same")
   c.seed = 0
-  c.seeds = (0, 1, 2)
+  c.seeds = (0, 1, 2, 3, 4)
   c.batch_size = 64
   c.eval_batch_size = 256
   c.num_devices = 0                # 0: every visible device
@@ -63,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Stage 2: CE + lambda * embedding-induced classifier, from the selected stage-1 model.
   c.stage2 = ml_collections.ConfigDict()
-  c.stage2.loss = "ce:1,refilled_classifier:100"
+  # One student per lambda, all from the same stage-1 model; lambda is chosen on validation
+  # accuracy and 0 is the control (CE only from the stage-1 start). 100 is the official value.
+  c.stage2.lambdas = (0.0, 1.0, 10.0, 100.0)
   c.stage2.loss_options = {"refilled_classifier": {"temperature": 2.0, "centers": "global"}}
   c.stage2.num_epochs = 20
   c.stage2.num_steps = 0

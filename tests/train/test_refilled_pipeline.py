@@ -60,8 +60,9 @@ def test_pipeline_selects_on_val_and_reads_test_last(tmp_path):
   test_reads = [i for i, e in enumerate(log) if e[2] == "test"]
   train_reads = [i for i, e in enumerate(log) if e[0] == "train"]
   assert test_reads and min(test_reads) > max(train_reads)  # test only in the final evaluation
-  # Teacher, stage 1, stage 2 and the baseline each streamed their training data.
-  assert [e[1] for e in log if e[0] == "train"] == ["teacher", "student", "student", "student"]
+  # Teacher, stage 1, and stage 2 (every lambda and the baseline in one program) streamed their
+  # training data.
+  assert [e[1] for e in log if e[0] == "train"] == ["teacher", "student", "student"]
   # Stage-1 selection: NCM evaluations on val (centres from train) at steps 2 and 4, before any
   # test read; the selected step is the best of them.
   first_test = min(test_reads)
@@ -79,10 +80,34 @@ def test_pipeline_selects_on_val_and_reads_test_last(tmp_path):
   assert saved["setting"] == "disjoint" and saved["student_classes"] == [5, 6, 7, 8, 9]
   for key in ("refilled", "student_alone"):
     assert 0.0 <= saved[key]["test_accuracy"] <= 1.0
-  assert saved["refilled"]["loss"] == "ce:1,refilled_classifier:100"
+  # One stage-2 student per lambda; lambda is chosen on validation accuracy (ties: the smaller),
+  # the control is lambda = 0 (CE from the stage-1 start).
+  stage2 = saved["stage2"]
+  assert set(stage2) == {"lambda_0", "lambda_1", "lambda_10", "lambda_100", "student_alone"}
+  assert stage2["lambda_100"]["loss"] == "ce:1,refilled_classifier:100"
+  assert stage2["lambda_0"]["loss"] == "ce:1" and saved["control"] == stage2["lambda_0"]
+  grid = [m for m in stage2 if m.startswith("lambda_")]
+  best = max(grid, key=lambda m: (stage2[m]["val_accuracy"], -stage2[m]["lambda"]))
+  assert saved["refilled"]["selected"] == best
+  assert saved["refilled"]["test_accuracy"] == stage2[best]["test_accuracy"]
+  assert 0.0 <= saved["teacher"]["induced_classifier_val_accuracy"] <= 1.0
   summary = refilled.summarize([saved, {**saved, "seed": 1}])
   assert summary["disjoint"]["refilled"]["std"] == 0.0
+  assert summary["disjoint"]["paired"]["refilled - control"]["n"] == 2
   assert "disjoint" in refilled.table(summary)
+
+
+def test_stage2_grid_needs_the_control_and_valid_lambdas():
+  config = _tiny_config()
+  config.stage2.lambdas = (1.0, 100.0)
+  with pytest.raises(ValueError, match="must include 0"):
+    refilled.stage2_specs(config.stage2)
+  config.stage2.lambdas = (0.0, -1.0)
+  with pytest.raises(ValueError, match="finite and >= 0"):
+    refilled.stage2_specs(config.stage2)
+  config.stage2.lambdas = (0.0, 2.5)
+  assert refilled.stage2_specs(config.stage2) == {
+      "lambda_0": "ce:1", "lambda_2.5": "ce:1,refilled_classifier:2.5", "student_alone": "ce:1"}
 
 
 def _np_stage2(s_logits, t_embed, labels, centers, lam, tau):
@@ -176,11 +201,13 @@ def test_configs_parse_and_name_known_models_terms_and_settings(name, arg):
   config = module.get_config(arg) if arg else module.get_config()
   known = models.available()
   assert config.teacher.model in known and config.student.model in known
-  for stage in (config.stage1, config.stage2):
-    parsed = terms_lib.parse_terms(stage.loss, dict(stage.loss_options))
+  specs = [config.stage1.loss] + list(refilled.stage2_specs(config.stage2).values())
+  for spec in specs:
+    present = {t.name for t in terms_lib.parse_terms(spec)}
+    parsed = terms_lib.parse_terms(spec, {k: v for k, v in dict(config.stage2.loss_options).items()
+                                          if k in present})
     assert {t.name for t in parsed} <= set(terms_lib.known_terms())
-  assert {t.name for t in terms_lib.parse_terms(config.stage2.loss)} == {
-      "ce", "refilled_classifier"}
+  assert 0.0 in config.stage2.lambdas and 100.0 in config.stage2.lambdas  # control, official
   presets = refilled.settings(config)
   assert set(config.settings) <= set(presets)
   # The generalized settings keep the student's task fixed and vary the teacher's.
