@@ -341,6 +341,13 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
   return epsilon, info
 
 
+def _uses_global_centers(spec: str, options: Mapping[str, Mapping[str, Any]]) -> bool:
+  """Whether a loss spec has ReFilled's stage-2 term with the teacher's global class centres."""
+  present = {t.name for t in terms_lib.parse_terms(spec)}
+  parsed = terms_lib.parse_terms(spec, {k: v for k, v in options.items() if k in present})
+  return any(t.name == "refilled_classifier" and t.term.centers == "global" for t in parsed)
+
+
 def seeds_of(config) -> list[int]:
   """The students' seeds: `config.seeds` (a count N: seed, seed + 1, ..., or a list), default 1."""
   seeds = config.get("seeds", 1)
@@ -495,6 +502,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     options.setdefault("ptloss", {})["epsilon"] = eps
     eps_info["epsilon"] = eps
 
+  induced = None
+  if any(_uses_global_centers(s, options) for s in specs.values()):
+    # ReFilled's stage-2 target: the teacher's embedding-induced classifier, from class centres
+    # of the teacher's embedding over the students' labelled training split.
+    from kd_jax import refilled  # pylint: disable=g-import-not-at-top
+    centers = refilled.embedding_class_centers(teacher.graphdef, teacher.variables,
+                                               runner.data.eval("train"),
+                                               runner.data.num_classes)
+    induced = refilled.ncm_evaluate(teacher.graphdef, teacher.variables, centers,
+                                    runner.data.eval("val"))
+    teacher = refilled.with_class_centers(teacher, centers)
+
   seeds = seeds_of(config)
   results = {"dataset": config.dataset, "seed": int(config.seed), "seeds": seeds,
              "teacher": {"model": config.teacher.model, "test_accuracy": t_test["accuracy"],
@@ -502,6 +521,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              "student_model": config.student.model, "methods": {}}
   if eps_info is not None:
     results["ptloss"] = eps_info
+  if induced is not None:
+    results["teacher"]["induced_classifier_val_accuracy"] = induced
   states, history = fit_students(runner, config, specs, options, teacher, seeds)
   test_step = make_eval_step(states[next(iter(states))].graphdef, runner.mesh)
   for name, spec in specs.items():

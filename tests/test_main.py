@@ -124,7 +124,10 @@ def test_default_main_job_on_mnist1d_prints_the_multi_seed_table(tmp_path, capsy
   results = experiment.run(c, str(tmp_path))
   assert results["seeds"] == [0, 1, 2]
   assert set(results["methods"]) == {"student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000",
-                                     "sp"}
+                                     "sp", "refilled_1", "refilled_10", "refilled_100", "refilled"}
+  refilled = results["methods"]["refilled"]
+  assert refilled["selected"] == max(refilled["candidates"], key=refilled["candidates"].get)
+  assert 0 <= results["teacher"]["induced_classifier_val_accuracy"] <= 1
   for r in results["methods"].values():
     assert len(r["test_accuracy"]) == 3 and len(r["val_accuracy"]) == 3
   sp = results["methods"]["sp"]

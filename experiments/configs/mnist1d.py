@@ -15,6 +15,10 @@ Methods (RepDistiller's weights where they exist):
   exactly the kd row; the coefficients are selected on the validation split.
 - sp: CE 1 + w SP on the penultimate features, w chosen on validation accuracy from
   {sp_300, sp_3000, sp_30000} (`select_on_val`).
+- refilled: ReFilled's stage-2 objective in the same-task setting, CE 1 + lambda x the KL to the
+  teacher's embedding-induced classifier (global class centres of the teacher's embedding over
+  the labelled training split, tau_2 = 2), lambda chosen on validation from {1, 10, 100}; no
+  stage 1 (the two-stage pipeline is `python -m experiments.refilled`).
 """
 
 import ml_collections
@@ -59,15 +63,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "sp_300": "ce:1,sp:300",
       "sp_3000": "ce:1,sp:3000",
       "sp_30000": "ce:1,sp:30000",
+      "refilled_1": "ce:1,refilled_classifier:1",
+      "refilled_10": "ce:1,refilled_classifier:10",
+      "refilled_100": "ce:1,refilled_classifier:100",
   })
-  c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000")
-  c.select_on_val = ml_collections.ConfigDict({"sp": ("sp_300", "sp_3000", "sp_30000")})
+  c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000", "refilled_1",
+                    "refilled_10", "refilled_100")
+  c.select_on_val = ml_collections.ConfigDict({
+      "sp": ("sp_300", "sp_3000", "sp_30000"),
+      "refilled": ("refilled_1", "refilled_10", "refilled_100")})
   c.compare = (("ptloss", "kd"),)  # PTLoss against KD at the same T (epsilon = 0 is KD)
   c.ptloss.distance = "sq_l2"  # a proper score (docs/ptloss.md: the paper's l2 rewards sharpening)
   c.loss_options = ml_collections.ConfigDict({
       "kd": {"temperature": 4.0},
       "ptloss": {"temperature": 4.0},
       "sp": {"feature": "pre_pool", "all_gather": False},
+      "refilled_classifier": {"temperature": 2.0, "centers": "global"},
   })
   if arg == "transfer":  # KD with 20,000 unlabelled signals the teacher labels
     c.data.transfer_samples = 20000

@@ -236,3 +236,27 @@ def test_mobilenet_v1_parameter_count():
                                      width_multiplier=0.25))
   assert out[0].shape == (1, 200) and out[1]["embedding"].shape == (1, 256)
   assert out[1]["pre_pool"].shape == (1, 7, 7, 256)
+
+
+def test_classifier_term_leaves_out_rows_without_a_label():
+  # Transfer-set rows (batch["labeled"] False) carry no label: the term reads only the labelled
+  # rows, so its value equals the value on the labelled rows alone (a BN-free MLP, so the other
+  # rows cannot reach the logits of these).
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 40, 1)).astype(np.float32)
+  labels = np.array([0, 1, 2, 1, 0, 2, 1, 1, 0, 2, 2, 0], np.int32)
+  labeled = np.arange(12) < 6
+  frozen = teachers.freeze(create_model("mlp_mnist1d", num_classes=3, seed=1, hidden=8),
+                           model_name="mlp_mnist1d", num_classes=3)
+  teacher = refilled.with_class_centers(frozen, rng.normal(size=(3, 8)).astype(np.float32))
+  state = TrainState.create(create_model("mlp_mnist1d", num_classes=3, seed=2, hidden=8),
+                            sgd(0.0), rng=jax.random.key(0))
+  step = jax.jit(make_train_step("refilled_classifier:1", teacher_graphdef=teacher.graphdef,
+                                 axis_name=None))
+  _, with_rest = step(state, {"image": x, "label": labels, "labeled": labeled}, teacher.variables)
+  _, alone = step(state, {"image": x[:6], "label": labels[:6]}, teacher.variables)
+  assert float(with_rest["loss"]) == pytest.approx(float(alone["loss"]), rel=1e-4)
+  flipped = labels.copy()
+  flipped[6:] = 0  # what the unlabelled rows' labels say cannot matter
+  _, other = step(state, {"image": x, "label": flipped, "labeled": labeled}, teacher.variables)
+  assert float(other["loss"]) == float(with_rest["loss"])

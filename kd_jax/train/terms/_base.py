@@ -80,6 +80,16 @@ class TermContext:
   def labels(self):
     return self.batch["label"]
 
+  @property
+  def labeled_where(self):
+    """`where` restricted to the rows that carry a label: a batch entry "labeled" (bool [b])
+    marks a transfer set's rows False (only the distillation terms read those)."""
+    labeled = self.batch.get("labeled")
+    if labeled is None:
+      return self.where
+    labeled = jnp.asarray(labeled, bool)
+    return labeled if self.where is None else self.where & labeled
+
 
 class LossTerm:
   """Base class of loss terms (see the module docstring). Subclass as a frozen dataclass whose

@@ -35,12 +35,7 @@ class CrossEntropy(LossTerm):
     onehot = jax.nn.one_hot(ctx.labels, logits.shape[-1])
     if self.label_smoothing:
       onehot = optax.smooth_labels(onehot, self.label_smoothing)
-    where = ctx.where
-    labeled = ctx.batch.get("labeled")
-    if labeled is not None:
-      labeled = jnp.asarray(labeled, bool)
-      where = labeled if where is None else where & labeled
-    return masked_mean(optax.softmax_cross_entropy(logits, onehot), where)
+    return masked_mean(optax.softmax_cross_entropy(logits, onehot), ctx.labeled_where)
 
 
 @register_term("kd")

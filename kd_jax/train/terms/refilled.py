@@ -47,7 +47,8 @@ class RefilledRelationship(LossTerm):
 class RefilledClassifier(LossTerm):
   """ReFilled stage 2, mean over valid rows. centers="global" (official code): the teacher's
   dataset-level centres from its feature "class_centers"; centers="local" (CVPR paper): in-batch
-  centres with the `distance` ("squared" or "euclidean")."""
+  centres with the `distance` ("squared" or "euclidean"). Rows whose batch["labeled"] is False
+  are left out (the term reads the labels)."""
 
   feature: str = "embedding"
   temperature: float = 2.0
@@ -68,7 +69,10 @@ class RefilledClassifier(LossTerm):
                          f"{CENTERS_FEATURE!r}: wrap the teacher with "
                          "kd_jax.refilled.with_class_centers, or use centers='local'.")
       c = ctx.teacher.features[CENTERS_FEATURE]
+    # The classes present are read from the labels, so rows without one (a transfer set's,
+    # batch["labeled"] False) are left out, as the cross-entropy leaves them out.
+    where = ctx.labeled_where
     values = losses.refilled_classifier(ctx.student.logits, t, ctx.labels, centers=c,
                                         temperature=self.temperature, distance=self.distance,
-                                        where=ctx.where)
-    return masked_mean(values, ctx.where)
+                                        where=where)
+    return masked_mean(values, where)
