@@ -116,6 +116,11 @@ class TaskData:
                                       setting.student_classes, allow_missing=True)
         for role in ("teacher", "student"):
           self._splits[(role, split)] = class_splits.apply_split(arrays, cs, role)
+      per_class = int(config.get("student_labels_per_class", 0) or 0)
+      if per_class:  # few labels for the student: a class-balanced subset of its training split
+        train = self._splits[("student", "train")]
+        keep = class_splits.balanced_subset(train["label"], per_class, seed=self.seed)
+        self._splits[("student", "train")] = {k: v[keep] for k, v in train.items()}
       self._train_augment = self._eval_transform = None
     else:
       self._tfds_init(config)

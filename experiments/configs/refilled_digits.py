@@ -17,7 +17,9 @@ cosine to 0.01; stage 2 and teacher x0.2 at 50%, 70%, 90% of training), shortene
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`refilled_digits.py:few`: the student has 10 labelled images per class (the teacher all of
+  its classes' training images), 600 steps per stage."""
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
   c.class_settings = "digits"     # kd_jax.data.class_splits.digits_settings()
@@ -73,4 +75,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.stage2.schedule = "step"
   c.stage2.decay_epochs = (10, 14, 18)
   c.stage2.decay_rate = 0.2
+  c.student_labels_per_class = 0  # > 0: a class-balanced subset of the student's training split
+  if arg == "few":
+    c.student_labels_per_class = 10
+    c.batch_size = 50             # the student's whole labelled set in one batch
+    for stage in (c.stage1, c.stage2):
+      stage.num_steps = 600
+    c.stage1.eval_every_steps = 50
+    c.stage2.decay_epochs = (300, 420, 540)  # one batch per epoch: steps
+  elif arg:
+    raise ValueError(f"unknown refilled_digits argument {arg!r}; expected '' or 'few'.")
   return c
