@@ -13,14 +13,15 @@ In order, for one class split and one seed (`run_setting`):
    `stage1.eval_every_epochs` the student's nearest-class-mean (NCM) accuracy is measured on the
    held-out **validation** split with centres built on the training split; the best model is
    saved (`<workdir>/stage1/best`) and initialises stage 2.
-3. Stage 2 (`"ce:1,refilled_classifier:100"`): CE plus lambda x the KL between the teacher's
-   embedding-induced classifier over the batch's classes and the student's restricted logits;
-   with `centers="global"` the teacher's class centres are computed once over the student's
-   training data and travel, replicated, inside the teacher's variables
-   (`kd_jax.refilled.with_class_centers`).
-4. Baseline: the same initialisation and data order, CE only, stage 2's optimizer and length.
-5. Final evaluation (the only reads of the test split): teacher on A, stage-1 NCM, ReFilled and
-   the baseline on B.
+3. Stage 2 (`stage2_specs`): for every lambda of `stage2.lambdas`, CE plus lambda x the KL
+   between the teacher's embedding-induced classifier over the batch's classes and the student's
+   restricted logits, from the selected stage-1 model (lambda = 0, CE only, is the control); the
+   teacher's global class centres are computed once over the student's training data and travel,
+   replicated, inside the teacher's variables (`kd_jax.refilled.with_class_centers`).
+4. Baseline: stage 1's random initialisation, CE only, stage 2's optimizer, length and data
+   order; step 3's students and this one train in one program (`make_multi_student_step`).
+5. Final evaluation (the only reads of the test split): teacher on A, stage-1 NCM, every stage-2
+   student and the baseline on B; ReFilled is the lambda with the best validation accuracy.
 """
 
 from __future__ import annotations
