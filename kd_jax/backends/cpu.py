@@ -35,14 +35,15 @@ transpose, the filter gradient, replaces XLA's 5x slower dilated convolution); e
 filter tangent is XLA's convolution. Being linear maps written in ordinary ops, the tangents
 support forward mode (`jax.jvp`), reverse mode and forward-over-reverse (Hessian-vector
 products). CIFAR resnet8x4 at batch 64: the input gradient of the stage-2 entry convolution takes
-23 ms instead of 58 ms (docs/performance.md, B16).
+23 ms instead of 58 ms (docs/performance.md, "Polyphase input gradient of strided convolutions").
 
 Row sums (`row_sum`): a matrix-vector product with a ones vector, which XLA:CPU does not fuse with
-its producers into a slow YNNPACK reduction fusion (docs/performance.md, B19).
+its producers into a slow YNNPACK reduction fusion (docs/performance.md, "Row sums as a GEMV").
 
 ReLU (`relu`): `where(x <= 0, 0, x)`, which XLA materialises once instead of recomputing its
-producer in every consumer (docs/performance.md, B15). It is a compare and a select, XLA's own
-operations on every platform, so it is the same program everywhere (no per-activation switch).
+producer in every consumer (docs/performance.md, "ReLU as a select"). It is a compare and a
+select, XLA's own operations on every platform, so it is the same program everywhere (no
+per-activation switch).
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ def relu(x):
   plain transpose (38 ms vs 3-8 ms for one CIFAR stage-1 activation, batch 64). A select on a
   compare has two full-size operands, so XLA materialises it once and the transpose reads it:
   the resnet8x4 train step is 9% faster, the resnet32x4 -> resnet8x4 KD step 7%
-  (docs/performance.md, B15). Same values and gradients as `jax.nn.relu`, on every platform.
+  (docs/performance.md, "ReLU as a select"). Same values and gradients as `jax.nn.relu`, on
+  every platform.
   """
   return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
