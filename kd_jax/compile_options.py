@@ -5,8 +5,9 @@ The one idea: on CPU, jaxlib 0.10's XLA hands every convolution to YNNPACK by de
 convolution with 64 or fewer output channels on a single thread, so on a 2-core AVX2 machine a
 CIFAR stage-1 3x3 convolution (batch 64, 32x32, 64 -> 64) takes 63 ms at 76 GFLOP/s, where
 XLA's own (Eigen) convolution takes 34 ms at 141 GFLOP/s on both cores; the filter gradients
-gain even more (benchmarks/README.md has the measurements). `CPU_COMPILER_OPTIONS` keeps
-YNNPACK for what it does well (matrix products, reductions) and gives convolutions back to XLA.
+gain even more (measurements: docs/performance.md, "Compile options"). `CPU_COMPILER_OPTIONS`
+keeps YNNPACK for what it does well (matrix products, reductions) and gives convolutions back to
+XLA.
 The options and their check live in `kd_jax.backends.cpu` with the library's other XLA:CPU-only
 code; a jaxlib that rejects them (a renamed experimental flag or value) gets no options and one
 warning, not a failing compilation at every step.
