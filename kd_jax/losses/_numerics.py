@@ -68,17 +68,29 @@ def masked_log_softmax(logits, mask=None, axis: int = -1):
   return jnp.where(mask, safe_logits - lse, 0.0)
 
 
-def softmax_and_logsumexp(z):
+def softmax_and_logsumexp(z, axis_name=None):
   """`(softmax(z), logsumexp(z))` along the last axis from one exp: `log softmax = z - lse`.
 
   `p = e / sum(e)` with `e = exp(z - max z)` (the max held constant for autodiff, as in
   `jax.nn.log_softmax`), and the sum is `row_sum` (`kd_jax.backends.cpu.row_sum`, a GEMV on
   CPU). `lse` keeps its trailing axis of size 1.
+
+  With `axis_name` (inside `jax.shard_map`, the last axis sharded over that mesh axis) the max
+  is a `pmax` and the sum a `psum` of the per-shard statistics: `p` is this shard's part of the
+  global softmax and `lse` the global log-sum-exp; the full last axis is never gathered.
   """
   top = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  if axis_name is not None:
+    top = lax.stop_gradient(lax.pmax(top, axis_name))
   e = jnp.exp(z - top)
-  total = row_sum(e)[..., None]
+  total = class_sum(e, axis_name)[..., None]
   return e / total, top + jnp.log(total)
+
+
+def class_sum(x, axis_name=None):
+  """`row_sum(x)`, then `psum` over `axis_name` when the last axis is sharded over it."""
+  total = row_sum(x)
+  return total if axis_name is None else lax.psum(total, axis_name)
 
 
 def kl_from_logits(teacher_logits, student_logits, *, axis: int = -1, mask=None):

@@ -75,7 +75,7 @@ def _derivative_coefficients(eps):
 
 
 def ptloss(student_logits, teacher_logits, epsilon, *, temperature=1.0, where=None,
-           series_terms=None):
+           series_terms=None, vocab_axis=None):
   r"""Perturbed KD loss (PTLoss) per example.
 
   With :math:`p^t = softmax(t/T)`, :math:`p^s = softmax(s/T)` and :math:`u_k = 1 - p^s_k`,
@@ -105,6 +105,11 @@ def ptloss(student_logits, teacher_logits, epsilon, *, temperature=1.0, where=No
     where: optional boolean mask of the batch shape; masked examples give exactly 0.
     series_terms: `None` for the exact form, or a static Python int `N >= M` for the truncated
       series.
+    vocab_axis: a mesh axis name, inside `jax.shard_map` with the class axis of both logits
+      sharded over it (an LM vocabulary): the softmax normalisers are a `pmax` and a `psum` of
+      per-shard statistics and the sums over classes a `psum` of per-shard sums, so the logits
+      are never gathered; a per-class `[K, M]` epsilon is then this shard's rows (shard it over
+      its first axis like the logits), a shared `[M]` one is replicated. None: unsharded.
 
   Returns:
     float32 array of the batch shape `[...]`.
@@ -124,11 +129,12 @@ def ptloss(student_logits, teacher_logits, epsilon, *, temperature=1.0, where=No
       )
     series_terms = int(series_terms)
   return _ptloss(student_logits, teacher_logits, epsilon, temperature, where,
-                 series_terms=series_terms)
+                 series_terms=series_terms, vocab_axis=vocab_axis)
 
 
-@functools.partial(jax.jit, static_argnames=("series_terms",))
-def _ptloss(student_logits, teacher_logits, epsilon, temperature, where, *, series_terms):
+@functools.partial(jax.jit, static_argnames=("series_terms", "vocab_axis"))
+def _ptloss(student_logits, teacher_logits, epsilon, temperature, where, *, series_terms,
+            vocab_axis):
   s = nm.to_float32(student_logits)
   t = nm.to_float32(teacher_logits)
   if where is not None:  # Zeros in masked rows, so that garbage there cannot reach a gradient.
@@ -139,7 +145,7 @@ def _ptloss(student_logits, teacher_logits, epsilon, temperature, where, *, seri
   eps = _as_class_rows(epsilon)
 
   if series_terms is None:
-    loss = _exact_ptloss(s, t, eps)
+    loss = _exact_ptloss(s, t, eps, vocab_axis)
   else:
     num_terms = series_terms
     order = eps.shape[-1]
@@ -150,41 +156,51 @@ def _ptloss(student_logits, teacher_logits, epsilon, temperature, where, *, seri
     def horner_step(acc, c):
       return acc * u + c, None
 
-    log_ps = jax.nn.log_softmax(s, axis=-1)
-    pt = jax.nn.softmax(t, axis=-1)
+    if vocab_axis is None:
+      log_ps = jax.nn.log_softmax(s, axis=-1)
+      pt = jax.nn.softmax(t, axis=-1)
+    else:
+      log_ps = s - nm.softmax_and_logsumexp(s, vocab_axis)[1]
+      pt = nm.softmax_and_logsumexp(t, vocab_axis)[0]
     u = jnp.clip(-jnp.expm1(log_ps), 0.0, 1.0)  # 1 - p^s, accurate when p^s is close to 1
     acc, _ = jax.lax.scan(horner_step, jnp.zeros_like(u), coefficients.T[::-1])
     series = u * acc  # sum_{m=1}^N c_m u^m
     neg_entropy = jnp.sum(jax.scipy.special.xlogy(pt, pt), axis=-1)
     loss = neg_entropy + jnp.sum(pt * series, axis=-1)
+    if vocab_axis is not None:
+      loss = jax.lax.psum(loss, vocab_axis)
   return nm.apply_where(loss, where)
 
 
-def _exact_parts(s, t, eps):
-  """Shared by the value and its derivative: p^t, p^s, u = 1 - p^s, per-class terms a, loss."""
+def _exact_parts(s, t, eps, axis_name=None):
+  """Shared by the value and its derivative: p^t, p^s, u = 1 - p^s, per-class terms a, loss.
+
+  With `axis_name` the class axis is sharded over that mesh axis (normalisers and class sums
+  combined with `pmax`/`psum`, `nm.softmax_and_logsumexp`); the loss is then the global one."""
   # One exp per softmax, and the sums as `row_sum` (a GEMV on CPU: value+grad at B = 256,
   # K = 100 in 0.58-0.75x the time of `jnp.sum` reductions; docs/ptloss.md). Finite logits
   # keep every a_k finite, so a class with p^t_k = 0 contributes exactly 0.
-  pt, lse_t = nm.softmax_and_logsumexp(t)
-  ps, lse_s = nm.softmax_and_logsumexp(s)
+  pt, lse_t = nm.softmax_and_logsumexp(t, axis_name)
+  ps, lse_s = nm.softmax_and_logsumexp(s, axis_name)
   u = 1.0 - ps
   # KL(p^t || p^s) + sum_m eps_m u^m, with log p^t - log p^s = (t - s) - (lse_t - lse_s) and the
   # polynomial as u * (eps_1 + u * (eps_2 + ...)): `kl_from_logits` fused with the perturbation.
   a = (t - s) - (lse_t - lse_s) + u * _horner(eps, u)
-  return pt, ps, u, a, nm.row_sum(pt * a)
+  return pt, ps, u, a, nm.class_sum(pt * a, axis_name)
 
 
-@jax.custom_jvp
-def _exact_ptloss(s, t, eps):
-  """Exact PTLoss of tempered float32 logits `s`, `t` `[..., K]` and eps `[K or 1, M]`."""
-  return _exact_parts(s, t, eps)[-1]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _exact_ptloss(s, t, eps, axis_name=None):
+  """Exact PTLoss of tempered float32 logits `s`, `t` `[..., K]` and eps `[K or 1, M]` (`K` this
+  shard's classes when `axis_name` names the mesh axis the class axis is sharded over)."""
+  return _exact_parts(s, t, eps, axis_name)[-1]
 
 
 def _is_zero(tangent):
   return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-def _exact_ptloss_jvp(primals, tangents):
+def _exact_ptloss_jvp(axis_name, primals, tangents):
   # Closed-form derivatives (docs/ptloss.md): dL/ds_j = S p^s_j - p~_j with
   # p~_k = p^t_k (1 + p^s_k P_k'(u_k)), S = sum_k p~_k; dL/dt_j = p^t_j (a_j - L);
   # dL/deps_{k,m} = p^t_k u_k^m. Plain autodiff through the Horner polynomial made value+grad
@@ -193,17 +209,17 @@ def _exact_ptloss_jvp(primals, tangents):
   # derivatives. Inside a train step the two cost the same (benchmarks/README.md).
   s, t, eps = primals
   ds, dt, deps = tangents
-  pt, ps, u, a, loss = _exact_parts(s, t, eps)
+  pt, ps, u, a, loss = _exact_parts(s, t, eps, axis_name)
   d1, _ = _derivative_coefficients(eps)
   tilde = pt * (1.0 + ps * _horner(d1, u))
   terms = []  # Symbolic zeros skip the work for arguments nobody differentiates.
   if not _is_zero(ds):
-    terms.append((nm.row_sum(tilde)[..., None] * ps - tilde) * ds)
+    terms.append((nm.class_sum(tilde, axis_name)[..., None] * ps - tilde) * ds)
   if not _is_zero(dt):
     terms.append(pt * (a - loss[..., None]) * dt)
   if not _is_zero(deps):  # sum_m deps_m u^m by Horner on the tangent's coefficients.
     terms.append(pt * u * _horner(jnp.broadcast_to(deps, eps.shape), u))
-  return loss, nm.row_sum(sum(terms[1:], terms[0]))
+  return loss, nm.class_sum(sum(terms[1:], terms[0]), axis_name)
 
 
 _exact_ptloss.defjvp(_exact_ptloss_jvp, symbolic_zeros=True)
