@@ -84,6 +84,11 @@ def test_token_ce_and_a_custom_mask_key():
   labels = np.where(valid, labels, -7)  # labels of masked tokens are never read
   batch = {"label": labels, "completion": token_mask, "mask": row_mask}
   np.testing.assert_allclose(term.term(_ctx(s, None, batch)), ce[valid].mean(), rtol=1e-5)
+  # Rows marked labeled=False (a transfer set) are left out of the cross-entropy.
+  labeled = np.array([True, False, True, False])
+  batch["labeled"] = labeled
+  np.testing.assert_allclose(term.term(_ctx(s, None, batch)),
+                             ce[valid & labeled[:, None]].mean(), rtol=1e-5)
   assert not term.needs_teacher
 
 

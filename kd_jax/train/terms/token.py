@@ -27,11 +27,12 @@ from kd_jax.train.terms._base import LossTerm, register_term
 _REDUCTIONS = ("mean", "sequence")
 
 
-def token_where(ctx, key: str):
+def token_where(ctx, key: str, *, labeled_only: bool = False):
   """The tokens a term averages over: `batch[key]` (bool [b, tokens]) and the row mask, combined;
-  None when neither is in the batch."""
+  None when neither is in the batch. `labeled_only`: only rows that carry a label
+  (`ctx.labeled_where`, for terms that read the labels)."""
   tokens = ctx.batch.get(key)
-  rows = ctx.where
+  rows = ctx.labeled_where if labeled_only else ctx.where
   if tokens is not None:
     tokens = jnp.asarray(tokens, bool)
   if rows is None:
@@ -135,7 +136,8 @@ class TotalVariation(_TokenTerm):
 @dataclasses.dataclass(frozen=True)
 class TokenCrossEntropy(LossTerm):
   """Next-token cross-entropy with the integer targets `batch["label"]` [b, tokens], averaged
-  over the valid tokens (`token_mask` and the row mask, as the distillation terms)."""
+  over the valid tokens (`token_mask` and the row mask, as the distillation terms) of the rows
+  that carry a label (a batch entry "labeled", bool [b], marks transfer-set rows False)."""
 
   token_mask: str = "token_mask"
   reduction: str = "mean"
@@ -152,7 +154,7 @@ class TokenCrossEntropy(LossTerm):
     if jnp.shape(labels) != logits.shape[:-1]:
       raise ValueError(f"loss term 'token_ce': labels must have the logits' token shape "
                        f"{logits.shape[:-1]}, got labels.shape={jnp.shape(labels)}.")
-    where = token_where(ctx, self.token_mask)
+    where = token_where(ctx, self.token_mask, labeled_only=True)
     if where is not None:
       logits = jnp.where(where[..., None], logits, 0.0)
       labels = jnp.where(where, labels, 0)
