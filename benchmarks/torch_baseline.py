@@ -44,45 +44,60 @@ def distill_kl(s_logits, t_logits, temperature: float):
 
 
 def build_step(teacher: str, student: str, batch: int, mode: str = "kd", num_classes: int = 100,
-               seed: int = 0, channels_last: bool = False):
-  """Returns a zero-argument callable that performs one step of `mode` on a fixed batch."""
+               seed: int = 0, channels_last: bool = False, device: str = "cpu",
+               amp: str | None = None):
+  """Returns a zero-argument callable that performs one step of `mode` on a fixed batch.
+
+  `device`: "cpu" or e.g. "cuda" (the step then waits for the device before returning);
+  `amp`: None (float32) or "bfloat16" (`torch.autocast`: bfloat16 compute, float32 weights).
+  """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   torch.manual_seed(seed)
+  dev = torch.device(device)
   x = torch.randn(batch, 3, 32, 32)
-  y = torch.randint(0, num_classes, (batch,))
+  y = torch.randint(0, num_classes, (batch,)).to(dev)
   fmt = torch.channels_last if channels_last else torch.contiguous_format
-  x = x.contiguous(memory_format=fmt)
-  t_net = torch_models.create(teacher, num_classes).to(memory_format=fmt).eval()
+  x = x.contiguous(memory_format=fmt).to(dev)
+  t_net = torch_models.create(teacher, num_classes).to(dev, memory_format=fmt).eval()
   for p in t_net.parameters():
     p.requires_grad_(False)
-  s_net = torch_models.create(student, num_classes).to(memory_format=fmt).train()
+  s_net = torch_models.create(student, num_classes).to(dev, memory_format=fmt).train()
   opt = torch.optim.SGD(s_net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+  amp_dtype = getattr(torch, amp) if amp else torch.bfloat16
+  autocast = lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=amp is not None)  # noqa: E731
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
   if mode == "teacher":
     def step():
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         t_net(x, is_feat=True)
+      sync()
     return step
 
   def step():
-    if mode == "kd":
-      with torch.no_grad():
-        t_logits, _ = t_net(x, is_feat=True)
-    s_logits, _ = s_net(x, is_feat=True)
-    loss = F.cross_entropy(s_logits, y)
-    if mode == "kd":
-      loss = 0.1 * loss + 0.9 * distill_kl(s_logits, t_logits, 4.0)
+    with autocast():
+      if mode == "kd":
+        with torch.no_grad():
+          t_logits, _ = t_net(x, is_feat=True)
+      s_logits, _ = s_net(x, is_feat=True)
+      s_logits = s_logits.float()
+      loss = F.cross_entropy(s_logits, y)
+      if mode == "kd":
+        loss = 0.1 * loss + 0.9 * distill_kl(s_logits, t_logits.float(), 4.0)
     opt.zero_grad()
     loss.backward()
     opt.step()
+    sync()
     return loss
   return step
 
 
 def _info(threads: int) -> dict:
   return {"torch": torch.__version__, "threads": threads,
-          "mkldnn": bool(torch.backends.mkldnn.is_available())}
+          "mkldnn": bool(torch.backends.mkldnn.is_available()),
+          "cuda": bool(torch.cuda.is_available()),
+          "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def serve(threads: int):

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import precision
 from kd_jax import data as data_lib
 from kd_jax import losses
 from kd_jax import models
@@ -116,8 +117,10 @@ def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
 # ---------------------------------------------------------------------------------- training
 
 
-def _init(name: str, options, num_classes: int, key):
-  model = models.create(name, num_classes=num_classes, rngs=nnx.Rngs(key), **dict(options))
+def _init(cfg, num_classes: int, key):
+  """`cfg.model` with `cfg.options` and its compute dtype (experiments/precision.py)."""
+  model = models.create(cfg.model, num_classes=num_classes, rngs=nnx.Rngs(key),
+                        **precision.model_options(cfg))
   return nnx.split(model, nnx.Param, ...)
 
 
@@ -132,7 +135,7 @@ def train_teacher(cfg, x, y, num_classes: int):
   Returns:
     `predict(x) -> logits`, a jitted function of the trained teacher.
   """
-  graphdef, params, state = _init(cfg.model, cfg.options, num_classes,
+  graphdef, params, state = _init(cfg, num_classes,
                                   jax.random.key(cfg.seed))
   tx = optax.adam(cfg.learning_rate)
   x, y = jnp.asarray(x), jnp.asarray(y)
@@ -204,11 +207,11 @@ def make_student_runner(cfg, num_classes: int, x_dis, t_dis, eval_sets, *, num_e
   x_dis, t_dis = jnp.asarray(x_dis), jnp.asarray(t_dis)
   eval_sets = {k: jnp.asarray(v) for k, v in eval_sets.items()}
   tx = optax.adam(cfg.learning_rate)
-  graphdef, _, _ = _init(cfg.model, cfg.options, num_classes, jax.random.key(0))
+  graphdef, _, _ = _init(cfg, num_classes, jax.random.key(0))
 
   def train_one(key, hp):
     init_key, data_key = jax.random.split(key)
-    _, params, state = _init(cfg.model, cfg.options, num_classes, init_key)
+    _, params, state = _init(cfg, num_classes, init_key)
 
     def step(carry, idx):
       params, state, opt = carry
@@ -262,6 +265,8 @@ def run(config, *, progress: bool | None = None) -> dict:
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
+  for who in ("teacher", "student"):
+    precision.check(config[who], who)
   progress = config.progress if progress is None else progress
   stages = ["teacher", "selection", "tuning + correlation students", "method students"]
   bar = tqdm(total=len(stages), disable=not progress, desc="ptloss_digits", file=sys.stdout)

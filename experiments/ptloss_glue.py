@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import precision
 from kd_jax import compile_options
 from kd_jax import models
 from kd_jax import ptloss as ptloss_lib
@@ -41,9 +42,11 @@ from kd_jax.train.evaluate import predict_logits
 INPUT_KEY = "tokens"
 
 
-def _model(config, options, num_classes, seed):
+def _model(config, cfg, num_classes, seed):
+  """The text transformer with `cfg.options` and its compute dtype (experiments/precision.py)."""
   return models.create("text_transformer", num_classes=num_classes, rngs=nnx.Rngs(seed),
-                       vocab_size=config.vocab_size, max_len=config.max_len, **dict(options))
+                       vocab_size=config.vocab_size, max_len=config.max_len,
+                       **precision.model_options(cfg))
 
 
 def _train(state, step_fn, batches, num_steps, desc, progress, teacher_variables=None):
@@ -68,6 +71,8 @@ def _logits_and_labels(graphdef, variables, batches):
 def run(config, *, progress: bool | None = None) -> dict:
   """Teacher, coefficient selection, one student per method; returns the results dict."""
   t0 = time.time()
+  for who in ("teacher", "student"):
+    precision.check(config[who], who)
   progress = config.progress if progress is None else progress
   task = glue_lib.task(config.task)
   k = task.num_classes
@@ -87,7 +92,7 @@ def run(config, *, progress: bool | None = None) -> dict:
     return optax.adamw(c.learning_rate, weight_decay=c.weight_decay)
 
   # 1. Teacher.
-  teacher = _model(config, config.teacher.options, k, config.seed)
+  teacher = _model(config, config.teacher, k, config.seed)
   state = train_lib.TrainState.create(teacher, optimizer(config.teacher),
                                       rng=jax.random.key(config.seed))
   step = compile_options.jit(train_lib.make_train_step("ce", axis_name=None, input_key=INPUT_KEY))
@@ -118,7 +123,7 @@ def run(config, *, progress: bool | None = None) -> dict:
     if method not in ("kd", "ptloss"):
       raise ValueError(f"unknown method {method!r}; expected 'kd' or 'ptloss'.")
     eps = np.zeros_like(epsilon) if method == "kd" else epsilon
-    student = _model(config, config.student.options, k, config.seed + 1)
+    student = _model(config, config.student, k, config.seed + 1)
     state = train_lib.TrainState.create(student, optimizer(config.student),
                               rng=jax.random.key(config.seed + 1))
     step = compile_options.jit(train_lib.make_train_step("ptloss", teacher_graphdef=t_graphdef,

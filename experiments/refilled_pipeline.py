@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import precision
 from kd_jax import data as data_lib
 from kd_jax import parallel
 from kd_jax import teachers
@@ -226,7 +227,8 @@ def _num_steps(cfg, steps_per_epoch: int) -> int:
 
 
 def _options(cfg) -> dict[str, Any]:
-  return dict(cfg.get("options", {}) or {})
+  """The model's options with its compute dtype (`cfg.dtype`, experiments/precision.py)."""
+  return precision.model_options(cfg)
 
 
 def _loss_options(cfg) -> dict[str, dict[str, Any]]:
@@ -256,7 +258,8 @@ class _Runner:
     state = TrainState.create(model, optimizer(cfg, spe, num_steps), rng=jax.random.key(seed))
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
-                           loss_options=loss_options, axis_name=axis)
+                           loss_options=loss_options, axis_name=axis,
+                           sync_batch_norm=bool(self.config.get("sync_batch_norm", False)))
     if step.owns_variables:
       example = jax.tree.map(lambda x: x[:1], next(iter(self.data.train(role))))
       state = step.init(state, example, None if teacher is None else teacher.variables,
@@ -570,7 +573,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results are written to `<workdir>/results.json`.
   """
   if config.get("distributed", False):
-    parallel.initialize_distributed()
+    from experiments.runner import distributed_options  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed(**distributed_options(config))
+  for who in ("teacher", "student"):
+    precision.check(config[who], who)
   presets = settings(config)
   names = list(config.settings)
   unknown = [s for s in names if s not in presets]

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import precision
 from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax import parallel
@@ -164,6 +165,7 @@ def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = Non
     if name not in known:
       raise ValueError(f"unknown {who} model name {name!r} in the config; known names: "
                        f"{', '.join(known)}")
+    precision.check(config[who], who)
   options = dict(config.get("loss_options", {}) or {})
   for method, spec in dict(config.methods).items():
     try:
@@ -215,7 +217,8 @@ def _num_steps(cfg, steps_per_epoch: int) -> int:
 
 
 def _model_options(cfg) -> dict[str, Any]:
-  return dict(cfg.get("options", {}) or {})
+  """The model's options with its compute dtype (`cfg.dtype`, experiments/precision.py)."""
+  return precision.model_options(cfg)
 
 
 class Runner:
@@ -258,14 +261,16 @@ class Runner:
     tx = _optimizer(cfg, spe)
     state = TrainState.create(model, tx, rng=jax.random.key(int(self.config.seed)))
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
-    step = make_train_step(loss, axis_name=axis)  # a teacher's loss reads no teacher
+    step = make_train_step(loss, axis_name=axis,  # a teacher's loss reads no teacher
+                           sync_batch_norm=bool(self.config.get("sync_batch_norm", False)))
     num_steps = _num_steps(cfg, spe)
     run_info = {"loss": [str(t) for t in step.terms], "model": cfg.model,
-                "model_options": {k: v for k, v in _model_options(cfg).items()},
+                "model_options": precision.describe(cfg),
                 "num_steps": num_steps, "batch_size": self.data.batch_size,
                 "optimizer": {k: cfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                       "decay_epochs", "decay_rate")},
-                "dataset": self.data.name, "seed": int(self.config.seed)}
+                "dataset": self.data.name, "seed": int(self.config.seed),
+                **({"sync_batch_norm": True} if self.config.get("sync_batch_norm") else {})}
     eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
     return loop.fit(
         state, step, functools.partial(self.data.train, teacher=True), num_steps=num_steps,
@@ -416,8 +421,10 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   per_method = {m: {k: v for k, v in options.items()
                     if k in {t.name for t in terms_lib.parse_terms(spec)}}
                 for m, spec in specs.items()}
+  sync_bn = bool(config.get("sync_batch_norm", False))
   step = make_multi_student_step(specs, teacher_graphdef=teacher.graphdef,
-                                 loss_options=per_method, axis_name=axis)
+                                 loss_options=per_method, axis_name=axis,
+                                 sync_batch_norm=sync_bn)
   with_index = any("index" in sub.batch_keys for sub in step.steps.values())
   example = None
   inits = []
@@ -453,13 +460,14 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   num_steps = _num_steps(scfg, spe)
   run_info = {"methods": {m: [str(t) for t in sub.terms] for m, sub in step.steps.items()},
               "seeds": seeds, "model": scfg.model,
-              "model_options": dict(_model_options(scfg)), "num_steps": num_steps,
+              "model_options": precision.describe(scfg), "num_steps": num_steps,
               "batch_size": runner.data.batch_size,
               "optimizer": {k: scfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                      "decay_epochs", "decay_rate")},
               "teacher": teacher.path, "dataset": runner.data.name,
               "data_seed": int(config.seed),
-              "data": dict(config.get("data", {}) or {})}
+              "data": dict(config.get("data", {}) or {}),
+              **({"sync_batch_norm": True} if sync_bn else {})}
   eval_every = int(config.get("eval_every_epochs", 0) or 0) * spe
   return loop.fit(
       states, step, functools.partial(runner.data.train, with_index=with_index, transfer=True),
@@ -472,6 +480,19 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
 
 # ---------------------------------------------------------------------------- run
 
+def distributed_options(config) -> dict[str, Any]:
+  """`jax.distributed.initialize` arguments set in the config (`coordinator_address`,
+  `num_processes`, `process_id`); none on Cloud TPU, SLURM or Open MPI, where JAX finds them."""
+  options = {}
+  if config.get("coordinator_address"):
+    options["coordinator_address"] = str(config.coordinator_address)
+  for key in ("num_processes", "process_id"):
+    value = config.get(key)
+    if value is not None and int(value) >= 0:
+      options[key] = int(value)
+  return options
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the experiment described by `config` in `workdir` (resuming what is there).
 
@@ -480,7 +501,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     per method, its loss spec and test / validation accuracy.
   """
   if config.get("distributed", False):
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(**distributed_options(config))
   validate(config)
   runner = Runner(config, workdir)
   validate(config, num_classes=runner.data.num_classes)

@@ -70,10 +70,30 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   The copy never aliases the input buffers, so donating the result to a step leaves the caller's
   arrays (e.g. a module's parameters) alive.
   """
-  # device_put may reuse the source buffer for the replica on its own device (even with
-  # may_alias=False on CPU), so copy first.
-  copied = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-  return jax.device_put(copied, replicated_sharding(mesh))
+  sharding = replicated_sharding(mesh)
+  if sharding.is_fully_addressable:
+    # device_put may reuse the source buffer for the replica on its own device (even with
+    # may_alias=False on CPU), so copy first.
+    copied = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+    return jax.device_put(copied, sharding)
+  # A mesh over several processes: device_put cannot reach the other hosts' devices, so every
+  # process places its own (identical) copy on its local devices of the global array.
+  return jax.tree.map(lambda x: _replicate_across_hosts(x, sharding), tree)
+
+
+def _replicate_across_hosts(x, sharding: NamedSharding) -> jax.Array:
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _replicate_across_hosts(jax.random.key_data(x), sharding)
+    impl = jax.random.key_impl(x)
+    return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.is_fully_replicated:
+      raise ValueError(f"cannot replicate a global array sharded as {x.sharding} (shape "
+                       f"{x.shape}); gather it first.")
+    x = x.addressable_data(0)
+  local = np.asarray(x)
+  shards = [jax.device_put(local, d) for d in sharding.addressable_devices]
+  return jax.make_array_from_single_device_arrays(local.shape, sharding, shards)
 
 
 def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:

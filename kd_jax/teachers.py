@@ -125,7 +125,12 @@ def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: in
     raise ValueError(f"teacher checkpoint {path} cannot be read: {e}") from e
   metadata = {k: metadata.get(k, {}) or {} for k in set(metadata) | set(target)}
   _check_against_metadata(path, target, metadata)
-  abstract_target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  # Every process reads the whole teacher onto its first local device, whatever the topology it
+  # was saved from (another host count, a single-device run); `kd_jax.parallel.replicate` then
+  # places it on the mesh.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), target)
   try:
     restored = checkpointer.restore(path, abstract_target)
   except Exception as e:  # noqa: BLE001

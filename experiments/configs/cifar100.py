@@ -68,6 +68,10 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
   c.num_devices = 0
   c.parallel = "shard_map"
   c.distributed = False
+  c.coordinator_address = ""   # off Cloud TPU / SLURM / Open MPI: "host:port" of process 0,
+  c.num_processes = -1         # the number of processes and this one's id
+  c.process_id = -1            # (-1: found by jax.distributed)
+  c.sync_batch_norm = False    # True: BN statistics over the global batch (default: per device)
   c.checkpoint_every = 5 * STEPS_PER_EPOCH
   c.log_every = 100
   c.eval_every_epochs = 1      # val (= test) accuracy every epoch: last and best epoch both kept
@@ -76,6 +80,8 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = teacher
   c.teacher.options = {}
+  c.teacher.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.teacher.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.teacher.num_classes = 0
   c.teacher.checkpoint = ""
   _schedule(c.teacher, 0.05)
@@ -83,6 +89,8 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
   c.student = ml_collections.ConfigDict()
   c.student.model = student
   c.student.options = {}
+  c.student.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.student.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.student.num_classes = 0
   _schedule(c.student, 0.01 if student in SMALL_LR_STUDENTS else 0.05)
 

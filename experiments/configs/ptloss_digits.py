@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = "mlp_digits"
   c.teacher.options = {"hidden": (256, 256)}
+  c.teacher.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.teacher.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.teacher.noise_rate = 0.4   # fraction of the teacher's labels replaced by uniform ones
   c.teacher.num_steps = 3000   # full-batch Adam steps, no weight decay: memorises the noise
   c.teacher.learning_rate = 3e-3
@@ -31,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.student = ml_collections.ConfigDict()
   c.student.model = "mlp_digits"
   c.student.options = {"hidden": (64, 32)}
+  c.student.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.student.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.student.num_epochs = 60    # over the distillation set
   c.student.batch_size = 64
   c.student.learning_rate = 3e-3

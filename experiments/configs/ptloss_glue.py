@@ -29,12 +29,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.options = {"width": 256, "depth": 4, "num_heads": 4, "dropout_rate": 0.1}
+  c.teacher.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.teacher.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.teacher.num_steps = 5000
   c.teacher.learning_rate = 3e-4
   c.teacher.weight_decay = 0.01
 
   c.student = ml_collections.ConfigDict()
   c.student.options = {"width": 128, "depth": 2, "num_heads": 4, "dropout_rate": 0.1}
+  c.student.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.student.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.student.num_steps = 5000
   c.student.learning_rate = 3e-4
   c.student.weight_decay = 0.01

@@ -44,6 +44,10 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
   c.num_devices = 0
   c.parallel = "shard_map"
   c.distributed = False
+  c.coordinator_address = ""   # off Cloud TPU / SLURM / Open MPI: "host:port" of process 0,
+  c.num_processes = -1         # the number of processes and this one's id
+  c.process_id = -1            # (-1: found by jax.distributed)
+  c.sync_batch_norm = False    # True: BN statistics over the global batch (default: per device)
   c.checkpoint_every = 1000
   c.log_every = 50
   c.progress = True
@@ -62,12 +66,16 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = "mobilenet_v1"
   c.teacher.options = {"width_multiplier": 1.0}
+  c.teacher.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.teacher.param_dtype = "float32"  # parameters and optimizer state (float32 only)
   c.teacher.checkpoint = ""
   sgd_step(c.teacher)
 
   c.student = ml_collections.ConfigDict()
   c.student.model = "mobilenet_v1"
   c.student.options = {"width_multiplier": width}
+  c.student.dtype = "float32"        # compute dtype: "bfloat16" for mixed precision
+  c.student.param_dtype = "float32"  # parameters and optimizer state (float32 only)
 
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.loss = "refilled_relationship:1"

@@ -49,6 +49,7 @@ per-activation switch).
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from functools import partial
 
@@ -58,8 +59,8 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "conv_general_dilated", "relu",
-           "row_sum"]
+__all__ = ["CPU_COMPILER_OPTIONS", "compiler_options", "conv_general_dilated", "cpu_paths",
+           "relu", "row_sum"]
 
 # The default YNNPACK fusion types of jaxlib 0.10.2 minus `individual_convolution` (the per-call
 # spelling of `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`: both
@@ -269,3 +270,27 @@ def relu(x):
   every platform.
   """
   return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lowering check
+
+
+def cpu_paths(stablehlo: str) -> dict[str, int]:
+  """Counts this module's CPU-only operations in a StableHLO program's text.
+
+  "interleave": `stablehlo.pad` with interior padding (the polyphase input gradient);
+  "gemv": `dot_general` at HIGHEST precision (the row-sum GEMV); "platform_switch": a
+  multi-platform `platform_dependent` switch left in the program; and, for reference,
+  "lhs_dilate": XLA's own dilated-cotangent input gradients of strided convolutions, which a
+  GPU/TPU program has (one per strided convolution) and a CPU program does not. A program
+  lowered for GPU or TPU has no CPU path when the first three are 0 (tests/test_cpu_backend.py,
+  benchmarks/device.py).
+  """
+  return {
+      "interleave": len(re.findall(r"stablehlo\.pad [^\n]*interior = \[0, [1-9]", stablehlo)),
+      "gemv": len(re.findall(r"stablehlo\.dot_general [^\n]*precision = \[HIGHEST, HIGHEST\]",
+                             stablehlo)),
+      "platform_switch": stablehlo.count("_platform_index"),
+      "lhs_dilate": len(re.findall(r"lhs_dilate = \[", stablehlo)),
+  }

@@ -54,6 +54,8 @@ class TorchBatchNorm(nnx.BatchNorm):
   variance, var_run <- m var_run + (1 - m) var_batch n / (n - 1), n = elements per channel.
 
   Normalisation itself uses the biased batch variance in train mode, as both frameworks do.
+  With `axis_name` set (synchronized batch norm, `make_train_step(sync_batch_norm=True)`) the
+  statistics and n cover the whole mapped axis, as `torch.nn.SyncBatchNorm`.
   """
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -65,6 +67,8 @@ class TorchBatchNorm(nnx.BatchNorm):
     old = jnp.array(self.var[...], copy=True)
     y = super().__call__(x, False)
     n = x.size // x.shape[-1]
+    if self.axis_name is not None:  # synchronized: the statistics cover every device's rows
+      n *= jax.lax.axis_size(self.axis_name)
     if n > 1:
       # flax stored m old + (1 - m) v_biased; rescale the new term to the unbiased variance.
       m = self.momentum

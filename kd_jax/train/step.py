@@ -6,7 +6,9 @@ metrics)`, as big_vision's `proj/distill` update: the frozen teacher runs inside
 the batch; the student runs in train mode; the loss is the weighted sum of the configured terms
 (`kd_jax.train.terms`), differentiated with respect to the student's parameters (and the loss
 terms' own heads, below). Under data parallelism (`axis_name="batch"`, see `kd_jax.parallel`)
-gradients, batch statistics and metrics are averaged with `jax.lax.pmean`; with `axis_name=None`
+gradients, batch statistics and metrics are averaged with `jax.lax.pmean` (batch norm
+normalises with each device's statistics unless `sync_batch_norm`; dropout draws per device);
+with `axis_name=None`
 the same step runs on one device. With `cached_teacher` the teacher's outputs come with the batch
 (`kd_jax.data.teacher_cache`) and the step runs no teacher at all.
 
@@ -35,13 +37,39 @@ from kd_jax.train.terms import parse_terms
 from kd_jax.train.terms import run_terms
 
 
-def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
-  """Runs an NNX classifier given as pytrees; returns (Outputs, updated non-param state)."""
+def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool,
+                axis_name: str | None = None, sync_batch_norm: bool = False):
+  """Runs an NNX classifier given as pytrees; returns (Outputs, updated non-param state).
+
+  In train mode over a data-parallel `axis_name`, every RNG stream key (dropout) is folded with
+  the device's `jax.lax.axis_index`, so devices draw different masks (the returned state keeps
+  the shared keys), and with `sync_batch_norm` every `nnx.BatchNorm` normalises with the
+  statistics of the whole mapped batch (`pmean` of E[x], E[x^2] over `axis_name`) instead of
+  its device's shard.
+  """
   # Fresh Variable objects owned by the current trace (BatchNorm mutates its statistics).
   params, model_state = jax.tree.map(lambda v: v, (params, model_state))
-  model = nnx.merge(graphdef, params, model_state)
+  mapped = train and axis_name is not None
+  run_state = model_state
+  if mapped:
+    index = jax.lax.axis_index(axis_name)
+    run_state = jax.tree.map(lambda v: jax.random.fold_in(v, index) if _is_key(v) else v,
+                             model_state)
+  model = nnx.merge(graphdef, params, run_state)
+  if mapped and sync_batch_norm:
+    for _, module in model.iter_modules():
+      if isinstance(module, nnx.BatchNorm):
+        module.axis_name = axis_name
   logits, features = model(x, train=train)
-  return Outputs(logits, dict(features)), nnx.state(model, nnx.Not(nnx.Param))
+  new_state = nnx.state(model, nnx.Not(nnx.Param))
+  if mapped:
+    new_state = jax.tree.map(lambda new, old: old if _is_key(old) else new, new_state,
+                             model_state)
+  return Outputs(logits, dict(features)), new_state
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
 def teacher_outputs(teacher_graphdef: nnx.GraphDef, teacher_variables: Mapping[str, Any],
@@ -77,7 +105,8 @@ def make_train_step(loss, *,
                     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
                     axis_name: str | None = BATCH_AXIS,
                     input_key: str = "image",
-                    cached_teacher: str | None = None) -> Callable[..., tuple[TrainState, dict]]:
+                    cached_teacher: str | None = None,
+                    sync_batch_norm: bool = False) -> Callable[..., tuple[TrainState, dict]]:
   """Builds the per-device step for the weighted sum of loss terms `loss`.
 
   total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
@@ -98,6 +127,9 @@ def make_train_step(loss, *,
       per cached feature). The step then costs a student step; use it only for inputs without
       random augmentation (the cache holds the teacher's view of the un-augmented example).
       Excludes `teacher_graphdef`.
+    sync_batch_norm: the student's batch norms take their statistics over the global batch
+      (reduced over `axis_name`) instead of each device's shard (the default, RepDistiller's
+      per-GPU statistics); a no-op without `axis_name`.
 
   Returns:
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
@@ -144,7 +176,8 @@ def make_train_step(loss, *,
     def loss_fn(trainable):
       params, term_params = split_trainable(trainable, state.term_params)
       student, new_model_state = apply_model(state.graphdef, params, state.batch_stats, x,
-                                             train=True)
+                                             train=True, axis_name=axis_name,
+                                             sync_batch_norm=sync_batch_norm)
       ctx = TermContext(student=student, teacher=teacher, batch=batch, student_params=params,
                         axis_name=axis_name, step=state.step, rng=step_rng)
       values, new_term_state = run_terms(terms, ctx, term_params, state.term_state)
@@ -230,7 +263,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             teacher_graphdef: nnx.GraphDef | None = None,
                             loss_options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
                             = None, axis_name: str | None = BATCH_AXIS, input_key: str = "image",
-                            cached_teacher: str | None = None) -> Callable[..., tuple[dict, dict]]:
+                            cached_teacher: str | None = None,
+                            sync_batch_norm: bool = False) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
   A KD table is many students (methods x seeds) distilled from one teacher on the same data.
@@ -241,7 +275,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
 
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
-    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`.
+    teacher_graphdef, axis_name, input_key, cached_teacher, sync_batch_norm: as
+      `make_train_step`.
     loss_options: {method name: per-term options} (optional).
 
   Returns:
@@ -255,7 +290,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     raise ValueError(f"loss_options for unknown method(s) {unknown}; methods: {sorted(methods)}.")
   steps = {name: make_train_step(spec, teacher_graphdef=teacher_graphdef,
                                  loss_options=loss_options.get(name), axis_name=axis_name,
-                                 input_key=input_key, cached_teacher=cached_teacher)
+                                 input_key=input_key, cached_teacher=cached_teacher,
+                                 sync_batch_norm=sync_batch_norm)
            for name, spec in methods.items()}
   if not steps:
     raise ValueError("make_multi_student_step needs at least one method.")

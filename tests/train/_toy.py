@@ -1,4 +1,5 @@
-"""Tiny stand-in models shared by the training tests (fast to compile, no BatchNorm unless asked)."""
+"""Tiny stand-in models shared by the training tests (fast to compile, no BatchNorm or dropout
+unless asked)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,10 @@ from flax import nnx
 class ToyNet(nnx.Module):
   """x [b, 8, 8, 1] -> hidden (pre_pool [b, 4, 4, c]) -> embedding -> logits; `(logits, features)`."""
 
-  def __init__(self, *, num_classes=10, width=8, batch_norm=False, rngs):
+  def __init__(self, *, num_classes=10, width=8, batch_norm=False, dropout_rate=0.0, rngs):
     self.conv = nnx.Conv(1, width, (3, 3), strides=(2, 2), rngs=rngs)
     self.bn = nnx.BatchNorm(width, rngs=rngs) if batch_norm else None
+    self.drop = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate else None
     self.head = nnx.Linear(width, num_classes, rngs=rngs)
 
   def __call__(self, x, *, train):
@@ -19,6 +21,8 @@ class ToyNet(nnx.Module):
     if self.bn is not None:
       h = self.bn(h, use_running_average=not train)
     h = jax.nn.relu(h)
+    if self.drop is not None:
+      h = self.drop(h, deterministic=not train)
     emb = jnp.mean(h, axis=(1, 2))
     return self.head(emb), {"pre_pool": h, "embedding": emb}
 
