@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from kd_jax.recsys import distill, knowledge, teachers
+from kd_jax.recsys import data, distill, knowledge, metrics, teachers
 
 
 def test_trajectory_epoch_rule():
@@ -22,8 +22,9 @@ def test_trajectory_epoch_rule():
 
 def test_trajectory_save_restore(tiny_split, tmp_path):
   spec = teachers.TeacherSpec(teachers.MF, 4, 4, 1e-2, 64)
-  traj = teachers.train_teacher("mf", tiny_split, str(tmp_path / "mf"), seed=0, spec=spec)
-  assert traj.epochs == [1, 2, 3, 4]
+  traj = teachers.train_teacher("mf", tiny_split, str(tmp_path / "mf"), seed=0, spec=spec,
+                                select="epochs")
+  assert traj.epochs == [1, 2, 3, 4] and traj.valid_recall is None
   ctx = teachers.make_context(tiny_split)
   restored = [teachers.restore_teacher("mf", tiny_split, traj.directory, e, spec=spec)
               for e in traj.epochs]
@@ -38,6 +39,40 @@ def test_trajectory_save_restore(tiny_split, tmp_path):
   np.testing.assert_array_equal(again.user[...], restored[-1].user[...])
   with pytest.raises(ValueError, match="saved epochs"):
     teachers.restore_teacher("mf", tiny_split, traj.directory, 7, spec=spec)
+
+
+def test_validation_quality_trajectory_rule():
+  # best 1.0 at epoch 6; 80 / 90 / 95 % of it first reached at epochs 3, 4 and 5
+  assert teachers.select_trajectory([0.1, 0.5, 0.8, 0.9, 0.95, 1.0, 0.99]) == [3, 4, 5, 6]
+  # levels reached late are moved earlier so that each checkpoint keeps its own epoch
+  assert teachers.select_trajectory([0.1, 0.2, 0.3, 0.95, 0.96, 1.0]) == [3, 4, 5, 6]
+  # only improving epochs count: epoch 3 (0.7 < 0.9 reached at epoch 2) is never chosen
+  assert teachers.select_trajectory([0.1, 0.9, 0.7, 0.92, 0.96, 1.0]) == [2, 4, 5, 6]
+  assert teachers.select_trajectory([0.5, 0.6, 0.7, 1.0], (0.5,)) == [1, 4]
+  with pytest.raises(ValueError, match="improve the validation"):
+    teachers.select_trajectory([0.5, 0.4, 0.6, 0.3])
+  with pytest.raises(ValueError, match="fractions"):
+    teachers.select_trajectory([0.1, 0.2, 0.3, 0.4], (0.9, 0.8, 0.95))
+
+
+def test_validation_selected_trajectory_is_saved_and_measured(make_interactions, tmp_path):
+  # a catalogue larger than 50 items, so that validation Recall@50 can move
+  split = data.split_per_user(make_interactions(num_users=60, num_items=200, per_user=30))
+  spec = teachers.TeacherSpec(teachers.MF, 8, 8, 5e-3, 128)
+  traj = teachers.train_teacher("mf", split, str(tmp_path / "mf"), seed=0, spec=spec,
+                                fractions=(0.5,))
+  assert len(traj.valid_recall) == 8
+  assert traj.epochs == teachers.select_trajectory(traj.valid_recall, (0.5,))
+  assert traj.epochs[-1] == int(np.argmax(traj.valid_recall)) + 1
+  # only the selected checkpoints stay on disk, and each holds the model that was measured
+  with pytest.raises(ValueError, match="saved epochs"):
+    teachers.restore_teacher("mf", split, traj.directory, 8 if traj.epochs[-1] != 8 else 7,
+                             spec=spec)
+  ctx = teachers.make_context(split)
+  for e in traj.epochs:
+    m = teachers.restore_teacher("mf", split, traj.directory, e, spec=spec)
+    got = metrics.evaluate(teachers.score_fn(m, ctx), split, "valid")["recall@50"]
+    assert got == pytest.approx(traj.valid_recall[e - 1], abs=1e-12)
 
 
 @pytest.mark.parametrize("name", teachers.TEACHER_NAMES)
