@@ -94,18 +94,67 @@ def test_every_teacher_scores_and_learns(tiny_split, name):
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-def test_hetcomp_distillation_end_to_end(tiny_split):
+def _tiny_knowledge(split):
   rng = np.random.default_rng(0)
-  u, i = tiny_split.num_users, tiny_split.num_items
+  u, i = split.num_users, split.num_items
   tables = [[jnp.asarray(rng.normal(size=(u, i)), jnp.float32) for _ in range(4)]
             for _ in range(2)]
   scorers = [[lambda x, t=t: t[jnp.asarray(x)] for t in row] for row in tables]
-  know = knowledge.build_knowledge(scorers, tiny_split, top_n=12, num_observed=3, chunk_size=64)
-  cfg = distill.DistillConfig(max_epochs=6, period=1, eval_every=3, top_k=12, lr=1e-2,
-                              batch_size=64, alpha=1.0, debias="weight")
+  return knowledge.build_knowledge(scorers, split, top_n=12, num_observed=3, chunk_size=64)
+
+
+# shared by the distillation tests, so that their phase-B steps compile once
+_TINY = dict(top_k=12, lr=1e-2, batch_size=24, alpha=1.0)
+
+
+def test_hetcomp_distillation_end_to_end(tiny_split):
+  know = _tiny_knowledge(tiny_split)
+  # DKC every 2 steps, evaluation every 4: blocks of 2 steps
+  cfg = distill.DistillConfig(period_steps=2, eval_every_steps=4, patience_steps=4,
+                              max_steps=40, debias="weight", **_TINY)
   res = distill.distill(tiny_split, know, cfg)
-  assert res.epochs_run >= 3 and np.isfinite(res.test["recall@10"])
+  assert np.isfinite(res.test["recall@10"]) and res.best_step % 4 == 0
+  assert [h["step"] for h in res.history] == list(range(4, res.steps_run + 1, 4))
+  assert [t["step"] for t in res.dkc_trace][:2] == [2, 4]
+  if res.capped:
+    assert res.steps_run == 40
+  else:  # stopped by patience, counted from the later of the best step and DKC's end
+    assert res.steps_run - max(res.best_step, res.dkc_finished_step) >= 4
   for leaf in jax.tree.leaves(res.params):
     assert np.all(np.isfinite(leaf))
   d = distill.all_discrepancies(res.params, know, distill.train_lists(tiny_split))
-  assert d.shape == (u, 2, 4) and np.all((d >= 0) & (d <= 1))
+  assert d.shape == (tiny_split.num_users, 2, 4) and np.all((d >= 0) & (d <= 1))
+
+
+def test_schedule_in_steps_cap_and_rrd(tiny_split):
+  know = _tiny_knowledge(tiny_split)
+  per_epoch = -(-len(tiny_split.pairs("train")[0]) // _TINY["batch_size"])
+  assert per_epoch > 8 and per_epoch % 8  # the cap below ends mid-epoch
+  for method in ("all_at_once", "rrd"):
+    cfg = distill.DistillConfig(method=method, max_steps=8, eval_every_steps=2,
+                                patience_steps=1000, **_TINY)
+    res = distill.distill(tiny_split, know, cfg)
+    assert res.capped and res.steps_run == 8 and res.steps_per_epoch == per_epoch
+    assert [h["step"] for h in res.history] == [2, 4, 6, 8] and res.dkc_finished_step == 0
+    assert np.isfinite(res.test["ndcg@10"])
+  with pytest.raises(ValueError, match="period_steps must be a positive int"):
+    distill.distill(tiny_split, know, distill.DistillConfig(period_steps=0))
+  with pytest.raises(ValueError, match="needs DistillConfig.max_steps"):
+    distill.distill(tiny_split, know, distill.DistillConfig(), evaluate=False)
+  with pytest.raises(ValueError, match="method must be one of"):
+    distill.distill(tiny_split, know, distill.DistillConfig(method="all"))
+
+
+def test_uniform_from_draws_only_pool_items_uniformly():
+  pool = np.zeros((3, 10), bool)
+  pool[0, [1, 4, 7]] = True
+  pool[1] = True
+  ids, has = distill.uniform_from(jax.random.key(0), jnp.asarray(pool), 6000)
+  ids = np.asarray(ids)
+  assert list(np.asarray(has)) == [True, True, False]
+  assert set(ids[0]) == {1, 4, 7} and set(ids[1]) == set(range(10))
+  # chi-square against uniform: 3 and 10 cells
+  for row, cells in ((0, [1, 4, 7]), (1, list(range(10)))):
+    counts = np.array([(ids[row] == c).sum() for c in cells])
+    exp = 6000 / len(cells)
+    assert np.sum((counts - exp) ** 2 / exp) < 30
