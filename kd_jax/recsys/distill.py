@@ -309,6 +309,9 @@ def distill(split: Split, know: knowledge_lib.Knowledge, cfg: DistillConfig = Di
     _positive(cfg, "max_steps")
   elif not evaluate:
     raise ValueError("evaluate=False needs DistillConfig.max_steps (nothing else stops it).")
+  elif cfg.method == "hetcomp" and cfg.decay >= 1.0 and not cfg.advance_on_drift:
+    raise ValueError("With decay >= 1 and advance_on_drift=False DKC may never finish (its "
+                     "threshold never falls below 1): set DistillConfig.max_steps.")
   u_total, num_x, num_v, _ = know.ranks.shape
   key = jax.random.key(cfg.seed)
   student = make_student(split.num_users, split.num_items, key, dim=cfg.dim)

@@ -141,6 +141,8 @@ def test_schedule_in_steps_cap_and_rrd(tiny_split):
     distill.distill(tiny_split, know, distill.DistillConfig(period_steps=0))
   with pytest.raises(ValueError, match="needs DistillConfig.max_steps"):
     distill.distill(tiny_split, know, distill.DistillConfig(), evaluate=False)
+  with pytest.raises(ValueError, match="DKC may never finish"):
+    distill.distill(tiny_split, know, distill.DistillConfig(decay=1.0, advance_on_drift=False))
   with pytest.raises(ValueError, match="method must be one of"):
     distill.distill(tiny_split, know, distill.DistillConfig(method="all"))
 
