@@ -144,6 +144,22 @@ def uniform_from(key, pool, n: int):
   return jnp.minimum(ids, pool.shape[-1] - 1).astype(jnp.int32), total > 0
 
 
+def rejection_negatives(key, train, n: int, rounds: int = 4):
+  """n uniform draws per row from the items outside `train` ([B, I] bool) by rejection.
+
+  Every draw that hits a training item is redrawn, `rounds` times in all; the [B, n] bool mask
+  is False where a draw is still a training item (probability (|O_u| / I) ** rounds).
+  """
+  b, num_items = train.shape
+  rows = jnp.arange(b)[:, None]
+  ids = jnp.zeros((b, n), jnp.int32)
+  bad = jnp.ones((b, n), bool)
+  for k in jax.random.split(key, rounds):
+    ids = jnp.where(bad, jax.random.randint(k, (b, n), 0, num_items), ids)
+    bad = train[rows, ids]
+  return ids, ~bad
+
+
 _CACHE: dict = {}
 
 
@@ -174,8 +190,8 @@ def _rrd_objective(cfg: DistillConfig, num_items: int):
     train = _train_mask(users, tr, num_items)
     k_neg, k_un = jax.random.split(key)
     # BPR: every training item of a batch user against one uniform unobserved item
-    neg, _ = uniform_from(k_neg, ~train, tr.shape[1])
-    pos_ok = (tr >= 0) & umask[:, None]
+    neg, neg_ok = rejection_negatives(k_neg, train, tr.shape[1])
+    pos_ok = (tr >= 0) & umask[:, None] & neg_ok
     diff = jnp.take_along_axis(s, jnp.maximum(tr, 0), 1) - jnp.take_along_axis(s, neg, 1)
     bpr = -jnp.sum(jnp.where(pos_ok, jax.nn.log_sigmoid(diff), 0.0))
     # RRD: the ensemble's top-k over items drawn from the unobserved items outside T_u

@@ -160,3 +160,14 @@ def test_uniform_from_draws_only_pool_items_uniformly():
     counts = np.array([(ids[row] == c).sum() for c in cells])
     exp = 6000 / len(cells)
     assert np.sum((counts - exp) ** 2 / exp) < 30
+
+
+def test_rejection_negatives_avoid_training_items():
+  train = np.zeros((2, 8), bool)
+  train[0, :6] = True  # 2 of 8 items free: some draws stay on training items after 4 rounds
+  ids, ok = distill.rejection_negatives(jax.random.key(1), jnp.asarray(train), 4000)
+  ids, ok = np.asarray(ids), np.asarray(ok)
+  assert np.all(~train[np.arange(2)[:, None], ids] == ok)  # ok exactly where off-train
+  assert ok[1].all() and set(ids[1]) == set(range(8))
+  assert set(ids[0][ok[0]]) == {6, 7}
+  assert abs((~ok[0]).mean() - 0.75 ** 4) < 0.03  # four rounds of rejection
