@@ -91,18 +91,18 @@ def main(argv=None):
   student = make_student(u_total, args.items, jax.random.key(0), dim=cfg.dim)
   params = nnx.to_pure_dict(nnx.split(student, nnx.Param)[1])
   tr = train
-  tx, _ = distill.optimizer_and_epoch_fn(cfg, "a", args.items)
+  tx, _ = distill.optimizer_and_chunk_fn(cfg, "a", args.items)
   opt_state = tx.init(params)
   rng = np.random.default_rng(0)
 
   def one_epoch(phase, params, opt_state, ids, ok, dis):
-    fn = distill.optimizer_and_epoch_fn(cfg, phase, args.items)[1]
+    fn = distill.optimizer_and_chunk_fn(cfg, phase, args.items)[1]
     const = tuple(jnp.asarray(a) for a in (ids, ok, np.ones_like(dis), know.observed,
                                            know.observed_mask, tr))
     users, umask = distill.epoch_user_batches(split, cfg.batch_size, "users", rng)
     t = time.perf_counter()
-    params, opt_state, loss = fn(params, opt_state, jnp.asarray(users), jnp.asarray(umask),
-                                 const)
+    params, opt_state, _, loss = fn(params, opt_state, jax.random.key(0), jnp.asarray(users),
+                                    jnp.asarray(umask), const)
     loss = float(loss)
     key = f"distill epoch phase {phase.upper()} ({users.shape[0]} steps x {users.shape[1]} users)"
     times[key] = time.perf_counter() - t

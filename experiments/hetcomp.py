@@ -3,18 +3,23 @@
   python -m experiments.hetcomp --config=experiments/configs/hetcomp.py \\
       --config.data_dir=../shared/data/ml-100k --config.out=results/hetcomp
   python -m experiments.hetcomp --config.data_dir=../shared/data/ml-100k --config.quick=True
+  python -m experiments.hetcomp --config.data_dir=../shared/data/ml-100k --config.seed_list=1 \\
+      --config.out=r1
   python -m experiments.hetcomp --config.merge=r0/results.json,r1/results.json --config.out=merged
 
 The config (experiments/configs/hetcomp.py, the default) holds every option; `--workdir` is where
 the teacher trajectories are saved (default: a temporary directory, removed at the end). The
 ratings are read where they are (`config.data_dir`), never copied. See docs/hetcomp.md.
 
-For each seed: split (60/20/20, seeded), train the six teachers saving 4-checkpoint Orbax
-trajectories, evaluate them, train the student alone (BPR), build the sparse top-100 knowledge from
-the restored checkpoints, evaluate the ensemble, then distil with all-at-once ensemble KD, HetComp,
-and HetComp with each of our two dissensus debiasing strategies. Prints Recall@10/50, NDCG@10/50
-and popularity lift (top-10) as mean +- standard deviation over the seeds; `config.out` names a
-directory for `results.json` (one record per method, each metric with its spread).
+For each seed: split (60/20/20, fixed by `config.split_seed`), train the six teachers and keep
+the 4-checkpoint Orbax trajectories chosen by validation quality, evaluate them, train the
+student alone (BPR, best validation epoch), build the sparse top-100 knowledge from the
+restored checkpoints, evaluate the ensemble at every trajectory stage, then distil with
+HetComp without its curriculum (the ablation), RRD on the converged ensemble (the ensemble-KD
+baseline), HetComp, and HetComp with each of our two dissensus debiasing strategies. Prints
+Recall@10/50, NDCG@10/50 and popularity lift (top-10) as mean ± standard deviation over the
+seeds, then the paired differences over seeds (`PAIRS`) with 95 % t-intervals; `config.out`
+names a directory for `results.json` (per-seed values, spreads and paired differences).
 """
 
 from __future__ import annotations
@@ -32,7 +37,25 @@ METRICS = ("recall@10", "recall@50", "ndcg@10", "ndcg@50", "popularity_lift")
 TEACHER_LABELS = {"mf": "Teacher BPR-MF", "cml": "Teacher CML", "neumf": "Teacher NeuMF",
                   "lightgcn": "Teacher LightGCN", "uae": "Teacher Mult-DAE (user)",
                   "iae": "Teacher item-AE"}
+STUDENT = "Student alone (BPR)"
+ABLATION = "HetComp w/o curriculum (ablation)"
+RRD = "RRD on the converged ensemble"
+HETCOMP = "HetComp"
+NUM_STAGES = 4
 
+
+def stage_label(v: int) -> str:
+  """The row of the ensemble built from every teacher's checkpoint v."""
+  return ("Ensemble (6 teachers, converged)" if v == NUM_STAGES - 1
+          else f"Ensemble at trajectory stage v={v}")
+
+
+# (method, baseline) pairs whose per-seed differences are reported with 95 % t-intervals.
+PAIRS = ((HETCOMP, ABLATION), (HETCOMP, RRD), (HETCOMP, STUDENT), (ABLATION, STUDENT),
+         (RRD, STUDENT)) + tuple((stage_label(v), STUDENT) for v in range(NUM_STAGES))
+PAIRED_METRICS = ("recall@50", "ndcg@50")
+RUN_KEYS = ("steps", "best_step", "best_epoch", "steps_per_epoch", "dkc_finished_step",
+            "capped")
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "hetcomp.py")
@@ -51,22 +74,55 @@ def _load(path):
     raise ConfigError(f"config.data_dir: {e}") from None
 
 
+def _std(vals) -> float:
+  return float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
 def summarize(per_seed: dict[str, list[dict]]) -> list[dict]:
-  """{method: [metrics per seed]} -> records with mean and spread (std over seeds, ddof=0)."""
+  """{method: [results per seed]} -> records with the mean and spread (sample std, ddof=1).
+
+  Each per-seed dict holds the test `METRICS`, optionally `seed`, `valid_recall@50` and the run
+  counters `RUN_KEYS`; all of it is kept under `per_seed`. A method with a capped run is marked.
+  """
   out = []
   for name, runs in per_seed.items():
     rec = {"method": name, "seeds": len(runs)}
     for m in METRICS:
       vals = np.asarray([r[m] for r in runs], np.float64)
       rec[m] = float(vals.mean())
-      rec[f"{m}_spread"] = float(vals.std())
-    rec["per_seed"] = [{m: float(r[m]) for m in METRICS} for r in runs]
+      rec[f"{m}_spread"] = _std(vals)
+    rec["capped"] = any(bool(r.get("capped")) for r in runs)
+    rec["per_seed"] = [dict(r) for r in runs]
     out.append(rec)
   return out
 
 
+def paired(records: list[dict], pairs=PAIRS, metrics=PAIRED_METRICS) -> list[dict]:
+  """Per-seed differences `method - baseline` (paired by seed) with 95 % t-intervals."""
+  from experiments.runner import paired_difference  # pylint: disable=g-import-not-at-top
+  by_name = {r["method"]: r for r in records}
+  out = []
+  for a, b in pairs:
+    if a not in by_name or b not in by_name:
+      continue
+    ra = {r.get("seed", i): r for i, r in enumerate(by_name[a]["per_seed"])}
+    rb = {r.get("seed", i): r for i, r in enumerate(by_name[b]["per_seed"])}
+    seeds = sorted(set(ra) & set(rb))
+    if not seeds:
+      continue
+    row = {"method": a, "baseline": b, "seeds": seeds}
+    for m in metrics:
+      row[m] = paired_difference([ra[s][m] for s in seeds], [rb[s][m] for s in seeds])
+    out.append(row)
+  return out
+
+
+def _label(r) -> str:
+  return r["method"] + (" [capped]" if r.get("capped") else "")
+
+
 def format_table(records: list[dict]) -> str:
-  head = f"{'method':<36}" + "".join(f"{m:>20}" for m in METRICS)
+  head = f"{'method':<44}" + "".join(f"{m:>20}" for m in METRICS)
   lines = [head, "-" * len(head)]
   for r in records:
     cells = []
@@ -75,84 +131,138 @@ def format_table(records: list[dict]) -> str:
         cells.append(f"{r[m]:>11.1f} ± {r[m + '_spread']:<6.1f}")
       else:
         cells.append(f"{r[m]:>11.4f} ± {r[m + '_spread']:<6.4f}")
-    lines.append(f"{r['method']:<36}" + "".join(cells))
+    lines.append(f"{_label(r):<44}" + "".join(cells))
   return "\n".join(lines)
 
 
+def format_paired(rows: list[dict]) -> str:
+  """The paired differences, one line per pair: mean [95 % interval] per metric."""
+  head = f"{'paired difference (per seed)':<72}" + "".join(f"{m:>28}" for m in PAIRED_METRICS)
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    cells = []
+    for m in PAIRED_METRICS:
+      d = r[m]
+      ci = d["ci95"]
+      cells.append(f"{d['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci
+                   else f"{d['mean']:+.4f}")
+    lines.append(f"{r['method'] + ' - ' + r['baseline']:<72}" + "".join(f"{c:>28}"
+                                                                         for c in cells))
+  return "\n".join(lines)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise ConfigError(f"config.quality_fractions must be comma-separated numbers, got "
+                      f"{text!r}.") from None
+
+
+def distill_configs(config, seed):
+  """[(row label, DistillConfig)] for one seed: the ablation, RRD, HetComp and our two
+  debiasing variants (when `config.debias`)."""
+  from kd_jax.recsys import distill  # pylint: disable=g-import-not-at-top
+  # CPU budget (our deviation, docs/hetcomp.md): every user once per epoch in batches of 256 at
+  # lr 1e-2; the schedule keeps the official step counts. official_batching=True restores the
+  # official 1024-interaction batches at lr 1e-3 (`DistillConfig`'s defaults).
+  base = (distill.DistillConfig(seed=seed) if config.official_batching else
+          distill.DistillConfig(seed=seed, batching="users", batch_size=256, lr=1e-2))
+  if config.quick:
+    base = dataclasses.replace(base, period_steps=20, eval_every_steps=20, patience_steps=40,
+                               max_steps=200)
+  over = {k: config[k] for k in ("period_steps", "eval_every_steps", "patience_steps",
+                                 "max_steps") if config[k] is not None}
+  base = dataclasses.replace(base, rrd_lambda=config.rrd_lambda, rrd_k=config.rrd_k,
+                             rrd_l=config.rrd_l, **over)
+  runs = [(ABLATION, dataclasses.replace(base, method="all_at_once")),
+          (RRD, dataclasses.replace(base, method="rrd")),
+          (HETCOMP, base)]
+  if config.debias:
+    runs += [("HetComp + dissensus rerank (ours)", dataclasses.replace(base, debias="rerank")),
+             ("HetComp + dissensus weight (ours)", dataclasses.replace(base, debias="weight"))]
+  return runs
+
+
+def stage_scorer(know, v: int):
+  """The ensemble at trajectory stage v as a scorer: its top-100 items ranked, the rest last."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kd_jax.recsys import knowledge  # pylint: disable=g-import-not-at-top
+  u_total = know.ranks.shape[0]
+  ids, ok, _ = knowledge.construct(know, np.full(know.ranks.shape[:2], v, np.int32))
+  scores = np.full((u_total, know.num_items), -1e9, np.float32)
+  rows = np.repeat(np.arange(u_total)[:, None], ids.shape[1], 1)
+  scores[rows[ok], ids[ok]] = -np.broadcast_to(np.arange(ids.shape[1]), ids.shape)[ok]
+  table = jnp.asarray(scores)
+  return lambda u: table[jnp.asarray(u)]
+
+
 def run_seed(inter, seed, workdir, config, bar):
-  """Every method for one seed: {method name: test metrics}."""
-  import jax.numpy as jnp
+  """Every method for one seed: {row label: test metrics, valid Recall@50 and run counters}."""
   from kd_jax.recsys import data, distill, knowledge, metrics, student, teachers
 
   def note(msg):
     bar.set_postfix_str(f"seed {seed}: {msg}"[:70], refresh=False)
     bar.refresh()
 
+  def measure(scorer, **extra):
+    out = metrics.evaluate(scorer, split, "test")
+    out["valid_recall@50"] = metrics.evaluate(scorer, split, "valid", ks=(50,))["recall@50"]
+    return dict(out, seed=seed, **extra)
+
   split = data.split_per_user(inter, seed=config.split_seed)
   ctx = teachers.make_context(split)
   specs = dict(teachers.DEFAULT_SPECS)
   if config.quick:
     specs = {k: dataclasses.replace(s, epochs=max(4, s.epochs // 8)) for k, s in specs.items()}
-  results = {}
-  scorers = []
+  fractions = _fractions(config.quality_fractions)
+  results, scorers, trajectories = {}, [], {}
   for name in teachers.TEACHER_NAMES:
     traj = teachers.train_teacher(name, split, os.path.join(workdir, f"seed{seed}", name),
-                                  seed=seed, spec=specs[name], ctx=ctx, progress=note)
+                                  seed=seed, spec=specs[name], ctx=ctx, progress=note,
+                                  select=config.trajectory, fractions=fractions)
     models = [teachers.restore_teacher(name, split, traj.directory, e, spec=specs[name])
               for e in traj.epochs]
     scorers.append([teachers.score_fn(m, ctx) for m in models])
-    results[TEACHER_LABELS[name]] = metrics.evaluate(scorers[-1][-1], split, "test")
+    trajectories[name] = traj.epochs
+    results[TEACHER_LABELS[name]] = measure(scorers[-1][-1], trajectory_epochs=traj.epochs)
     bar.update(1)
 
-  # Student alone: BPR on MF(dim 6); its best-validation checkpoint is reported.
+  # Student alone: BPR on MF(dim 6); its best validation epoch is reported.
   note("student alone (BPR)")
   bspec = student.bpr_student_spec(epochs=8 if config.quick else 64)
   traj = teachers.train_teacher("mf", split, os.path.join(workdir, f"seed{seed}", "student"),
-                                seed=seed, spec=bspec, ctx=ctx, progress=note)
-  best = None
-  for e in traj.epochs:
-    sc = teachers.score_fn(teachers.restore_teacher("mf", split, traj.directory, e, spec=bspec),
-                           ctx)
-    val = metrics.evaluate(sc, split, "valid")["recall@50"]
-    if best is None or val > best[0]:
-      best = (val, sc)
-  results["Student alone (BPR)"] = metrics.evaluate(best[1], split, "test")
+                                seed=seed, spec=bspec, ctx=ctx, progress=note,
+                                select="validation", fractions=(0.5,))
+  best = teachers.restore_teacher("mf", split, traj.directory, traj.epochs[-1], spec=bspec)
+  results[STUDENT] = measure(teachers.score_fn(best, ctx), best_epoch=traj.epochs[-1])
   bar.update(1)
 
   note("building knowledge")
   know = knowledge.build_knowledge(scorers, split, top_n=100)
-  ids, ok, _ = knowledge.construct(know, np.full(know.ranks.shape[:2], 3, np.int32))
-  ens_scores = np.full((split.num_users, split.num_items), -1e9, np.float32)
-  rows = np.repeat(np.arange(split.num_users)[:, None], ids.shape[1], 1)
-  ens_scores[rows[ok], ids[ok]] = -np.broadcast_to(np.arange(ids.shape[1]), ids.shape)[ok]
-  ens = jnp.asarray(ens_scores)
-  results["Ensemble (6 teachers)"] = metrics.evaluate(lambda u: ens[jnp.asarray(u)], split,
-                                                      "test")
+  for v in range(NUM_STAGES):
+    results[stage_label(v)] = measure(stage_scorer(know, v))
   bar.update(1)
 
-  # CPU budget (our deviation, docs/hetcomp.md): every user once per epoch in batches of 256,
-  # lr 1e-2, DKC and evaluation every 5 epochs. official_batching=True restores the official
-  # code's 1024-interaction batches at lr 1e-3 (`DistillConfig`'s defaults).
-  base = distill.DistillConfig(seed=seed, batching="users", batch_size=256, lr=1e-2, period=5,
-                               eval_every=5, max_epochs=300)
-  if config.official_batching:
-    base = distill.DistillConfig(seed=seed)
-  if config.quick:
-    base = dataclasses.replace(base, max_epochs=20, period=2, eval_every=2, patience=3)
-  if config.max_epochs is not None:
-    base = dataclasses.replace(base, max_epochs=config.max_epochs)
-  if config.period is not None:
-    base = dataclasses.replace(base, period=config.period)
-  runs = [("All-at-once ensemble KD", dataclasses.replace(base, method="all_at_once")),
-          ("HetComp", base),
-          ("HetComp + dissensus rerank (ours)", dataclasses.replace(base, debias="rerank")),
-          ("HetComp + dissensus weight (ours)", dataclasses.replace(base, debias="weight"))]
-  for label, cfg in runs:
+  for label, cfg in distill_configs(config, seed):
     res = distill.distill(split, know, cfg, progress=lambda m, l=label: note(f"{l}: {m}"))
-    results[label] = dict(res.test, epochs=res.epochs_run, best_epoch=res.best_epoch,
-                          dkc_finished=res.dkc_finished_epoch)
+    spe = max(res.steps_per_epoch, 1)
+    results[label] = dict(res.test, seed=seed, steps=res.steps_run, best_step=res.best_step,
+                          best_epoch=round(res.best_step / spe, 1), steps_per_epoch=spe,
+                          dkc_finished_step=res.dkc_finished_step, capped=res.capped,
+                          **{"valid_recall@50": res.valid.get("recall@50")})
+    if res.dkc_trace:
+      results[label]["dkc_trace"] = res.dkc_trace
     bar.update(1)
   return results
+
+
+def _collect(per_seed, order, res):
+  for k, v in res.items():
+    if k not in per_seed:
+      order.append(k)
+      per_seed[k] = []
+    per_seed[k].append(v)
 
 
 def merge(paths, out=None):
@@ -162,17 +272,19 @@ def merge(paths, out=None):
     with open(path) as f:
       blob = json.load(f)
     for r in blob["records"]:
-      runs = r.get("per_seed") or [{m: r[m] for m in METRICS}]
       if r["method"] not in per_seed:
         order.append(r["method"])
         per_seed[r["method"]] = []
-      per_seed[r["method"]].extend(runs)
+      per_seed[r["method"]].extend(r.get("per_seed") or [{m: r[m] for m in METRICS}])
   records = summarize({k: per_seed[k] for k in order})
+  pairs = paired(records)
   n = records[0]["seeds"]
   print(f"merged {len(paths)} file(s): test metrics, mean ± std over {n} seed(s)")
   print(format_table(records))
+  if pairs:
+    print(format_paired(pairs))
   if out:
-    _write(out, n, False, None, records)
+    _write(out, n, False, None, records, pairs)
   return records
 
 
@@ -187,52 +299,46 @@ def run(config, workdir: str = ""):
   if not config.data_dir:
     raise ConfigError("config.data_dir is required (a directory with u.data / ratings.csv / "
                      "ratings.dat, e.g. --config.data_dir=../shared/data/ml-100k)")
+  _fractions(config.quality_fractions)
   inter = _load(config.data_dir)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   seed_ids = ([int(x) for x in config.seed_list.split(",")] if config.seed_list
               else list(range(1 if config.quick else config.seeds)))
   seeds = len(seed_ids)
-  stages = len(TEACHER_LABELS) + 2 + 4
-  order, per_seed, extra = [], {}, {}
+  stages = len(TEACHER_LABELS) + 2 + len(distill_configs(config, 0))
+  order, per_seed = [], {}
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     workdir = workdir or tmp
     with tqdm(total=seeds * stages, desc="hetcomp", file=sys.stderr) as bar:
       for done, seed in enumerate(seed_ids):
         res = run_seed(inter, seed, workdir, config, bar)
-        for k, v in res.items():
-          if k not in per_seed:
-            order.append(k)
-            per_seed[k] = []
-          per_seed[k].append(v)
-          if "epochs" in v:
-            extra.setdefault(k, []).append({x: v[x] for x in ("epochs", "best_epoch",
-                                                               "dkc_finished")})
+        _collect(per_seed, order, res)
         bar.write(f"seed {seed} done ({(time.time() - t0) / 60:.1f} min):\n"
                   + format_table(summarize({k: [res[k]] for k in res})))
         if config.out:  # partial results after every seed
-          _write(config.out, done + 1, config.quick, time.time() - t0,
-                 summarize({k: per_seed[k] for k in order}))
+          recs = summarize({k: per_seed[k] for k in order})
+          _write(config.out, done + 1, config.quick, time.time() - t0, recs, paired(recs))
   records = summarize({k: per_seed[k] for k in order})
-  for r in records:
-    if r["method"] in extra:
-      r["runs"] = extra[r["method"]]
+  pairs = paired(records)
   elapsed = time.time() - t0
   print(f"\nHetComp on {os.path.basename(os.path.normpath(config.data_dir))}: test metrics, "
         f"mean ± std over {seeds} seed(s); popularity lift of the top-10 in %")
   print(format_table(records))
+  if seeds > 1:
+    print(format_paired(pairs))
   print(f"total time {elapsed / 60:.1f} min")
   if config.out:
-    _write(config.out, seeds, config.quick, elapsed, records)
+    _write(config.out, seeds, config.quick, elapsed, records, pairs)
   return records
 
 
-def _write(out, seeds, quick, seconds, records):
+def _write(out, seeds, quick, seconds, records, pairs=()):
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"seeds": seeds, "quick": quick, "seconds": seconds,
-               "spread": "standard deviation over seeds (ddof=0)", "records": records}, f,
-              indent=2)
+               "spread": "sample standard deviation over seeds (ddof=1)", "records": records,
+               "paired": list(pairs)}, f, indent=2)
 
 
 def _define_flags():

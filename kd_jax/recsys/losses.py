@@ -1,4 +1,4 @@
-"""HetComp's adaptive knowledge transfer: the phase-A relation loss and the phase-B PL loss.
+"""Ranking-distillation losses: HetComp's phase-A relation and phase-B PL losses, and RRD.
 
 Official code `SeongKu-Kang/HetComp_WWW23: Models/HetComp.py`; docs/hetcomp.md. For a user u
 with student scores s (clipped to [-40, 40] as in the official code), training items O_u,
@@ -14,6 +14,9 @@ Every "rest" sum is a masked log-sum-exp over the pool itself (the official code
 top-set sum from the all-unobserved sum and clamps at 1e-5; we never subtract). Losses are per
 user (the caller sums over the batch with lambda_A = 0.01 / lambda_B = 0.005). Optional
 per-item weights scale each knowledge term (our debiasing strategy 2, see debias.py).
+
+`rrd_loss` is the ensemble-KD baseline: relaxed ranking distillation (DE-RRD, CIKM 2020), the
+Plackett-Luce loss of the teacher's top-K list against a few sampled uninteresting items.
 """
 
 from __future__ import annotations
@@ -137,3 +140,48 @@ def hetcomp_phase_b_loss(scores, train_mask, topk_ids, topk_mask, observed_ids, 
                  + plackett_luce(jnp.take_along_axis(s, ids_s, 1), ok_s, rest_s,
                                  None if w is None else w[:, :short]))
   return apply_where(loss, where)
+
+
+def rrd_loss(interesting_scores, uninteresting_scores, *, interesting_mask=None,
+             uninteresting_mask=None, where=None):
+  """Relaxed ranking distillation (RRD; Kang, Hwang, Kweon, Yu: "DE-RRD", CIKM 2020).
+
+  For a user with the student's scores of K *interesting* items in the teacher's rank order
+  (pi_1 best) and of L sampled *uninteresting* items U, the negative log-likelihood of a
+  permutation that keeps the interesting items' order and puts all of them above U, with no
+  order imposed among U:
+
+      L(u) = - sum_{k=1}^{K} [ s_{pi_k} - log( sum_{l >= k} e^{s_{pi_l}} + sum_{j in U} e^{s_j} ) ]
+
+  (`SeongKu-Kang/DE-RRD_CIKM20: Utils/loss.py, relaxed_ranking_loss`). It is the Plackett-Luce
+  loss of the interesting list with U as its rest pool, i.e. ListMLE over [pi; U] minus the
+  ListMLE terms of U's own positions. Computed in float32 with log-sum-exps (no exp of raw
+  scores).
+
+  Args:
+    interesting_scores: [B, K] student scores of the interesting items, teacher's order.
+    uninteresting_scores: [B, L] student scores of the uninteresting items.
+    interesting_mask: optional [B, K] bool, valid interesting entries (masked ones contribute 0
+      and are left out of every denominator).
+    uninteresting_mask: optional [B, L] bool, valid uninteresting entries.
+    where: optional [B] bool user mask (masked users give exactly 0).
+
+  Returns:
+    [B] per-user losses (the caller reduces).
+  """
+  check_rank(interesting_scores, 2, "interesting_scores")
+  check_rank(uninteresting_scores, 2, "uninteresting_scores")
+  if interesting_scores.shape[0] != uninteresting_scores.shape[0]:
+    raise ValueError(
+        f"interesting_scores.shape={interesting_scores.shape} and uninteresting_scores.shape="
+        f"{uninteresting_scores.shape} must share the user axis.")
+  s_i = to_float32(interesting_scores)
+  s_u = to_float32(uninteresting_scores)
+  m_i = (jnp.ones(s_i.shape, bool) if interesting_mask is None
+         else jnp.asarray(interesting_mask, bool))
+  m_u = (jnp.ones(s_u.shape, bool) if uninteresting_mask is None
+         else jnp.asarray(uninteresting_mask, bool))
+  check_same_shape(s_i, m_i, "interesting_scores", "interesting_mask")
+  check_same_shape(s_u, m_u, "uninteresting_scores", "uninteresting_mask")
+  check_where(where, s_i.shape[:1])
+  return apply_where(plackett_luce(s_i, m_i, masked_logsumexp(s_u, m_u)), where)

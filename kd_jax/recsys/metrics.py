@@ -45,7 +45,11 @@ def _chunk_metrics(scores, relevant, exclude, item_pop, *, ks, pop_k):
     last = jnp.clip(jnp.minimum(n_rel, k) - 1, 0, k_max - 1)
     idcg = jnp.where(n_rel > 0, cum_discount[last], 1.0)
     out[f"ndcg@{k}"] = jnp.sum(h * discount[:k], -1) / idcg
-  out["rec_popularity"] = jnp.mean(item_pop[top[:, :pop_k]], axis=-1)
+  # The popularity of the top-`pop_k` as a weighted sum over all k_max positions, not a slice
+  # of `top`: a second slice of top_k's output makes XLA:CPU replace its TopK call by a full
+  # sort of every row (13x slower on ML-100k's 1,611 items).
+  first = (jnp.arange(k_max) < pop_k).astype(jnp.float32) / min(pop_k, k_max)
+  out["rec_popularity"] = jnp.sum(item_pop[top] * first, axis=-1)
   return out
 
 

@@ -15,10 +15,13 @@ main.py` (docs/hetcomp.md). Ours:
            column over users is reconstructed with a binary cross-entropy; score(u, i) is item
            i's reconstruction of user u.
 
-Trajectory rule (ours; the paper's was not available to us, docs/hetcomp.md): a teacher trained
-for E epochs saves checkpoints v = 0..3 at epochs ceil(E / 8), ceil(E / 4), ceil(E / 2) and E,
-so the early, easy knowledge comes from a model that is still mostly popularity-driven and v = 3
-is the converged model. Models are Flax NNX modules used functionally (nnx.split /
+Trajectory rule (ours; the official code loads precomputed trajectories and the paper's rule
+was not available to us, docs/hetcomp.md). `select="validation"` (the default): the teacher's
+validation Recall@50 is measured after every epoch; v = 3 is the best epoch (the converged
+model) and v = 0, 1, 2 are the earliest epochs whose validation Recall@50 reaches
+`QUALITY_FRACTIONS` = 80 %, 90 % and 95 % of that best (`select_trajectory`), so every teacher's
+trajectory climbs the same quality ladder whatever its learning speed. `select="epochs"`: the
+fixed epochs ceil(E / 8), ceil(E / 4), ceil(E / 2) and E (`trajectory_epochs`). Models are Flax NNX modules used functionally (nnx.split /
 nnx.merge); a whole epoch runs as one jitted `lax.scan`. The teachers take a dense train matrix
 as context, so they are meant for catalogues that fit in memory (ML-100k / ML-1M); the knowledge
 they produce (`knowledge.py`) is sparse and scales.
@@ -39,6 +42,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kd_jax.recsys import metrics
 from kd_jax.recsys.data import Split
 
 TEACHER_NAMES = ("mf", "cml", "neumf", "lightgcn", "uae", "iae")
@@ -249,6 +253,42 @@ def trajectory_epochs(epochs: int, num_checkpoints: int = 4) -> list[int]:
   return out
 
 
+QUALITY_FRACTIONS = (0.8, 0.9, 0.95)
+
+
+def select_trajectory(valid_recall, fractions=QUALITY_FRACTIONS) -> list[int]:
+  """Our validation-quality rule: the 1-based epochs of checkpoints v = 0..len(fractions).
+
+  With r_e the validation Recall@50 after epoch e and r* = max_e r_e: the last checkpoint is the
+  first epoch reaching r*; checkpoint v < len(fractions) is the earliest epoch after checkpoint
+  v - 1 with r_e >= fractions[v] * r*, moved earlier if needed so that every later checkpoint
+  still gets its own epoch. Each chosen epoch improves on every epoch before it.
+
+  Args:
+    valid_recall: r_e for e = 1..E.
+    fractions: the increasing quality levels of the early checkpoints (each < 1).
+
+  Raises:
+    ValueError: fewer than len(fractions) + 1 epochs improve on all earlier ones.
+  """
+  r = np.asarray(valid_recall, np.float64)
+  if list(fractions) != sorted(fractions) or not all(0 < f < 1 for f in fractions):
+    raise ValueError(f"fractions must increase within (0, 1), got {tuple(fractions)}.")
+  best = float(r.max()) if r.size else 0.0
+  cands = [e for e in range(len(r)) if r[e] > (r[:e].max() if e else -np.inf)]
+  num_v = len(fractions) + 1
+  if len(cands) < num_v:
+    raise ValueError(f"{len(cands)} of {len(r)} epochs improve the validation Recall@50 "
+                     f"({np.round(r, 4).tolist()}); {num_v} checkpoints need at least {num_v}.")
+  out, lo = [], 0
+  for v, f in enumerate(fractions):
+    hi = len(cands) - (num_v - v)  # leave one candidate for each later checkpoint
+    idx = next((i for i in range(lo, hi + 1) if r[cands[i]] >= f * best), hi)
+    out.append(cands[idx] + 1)
+    lo = idx + 1
+  return out + [cands[-1] + 1]
+
+
 def make_context(split: Split) -> dict[str, jax.Array]:
   """The dense train matrix and its normalised adjacency D_u^-1/2 R D_i^-1/2 (teachers' input)."""
   users, items = split.pairs("train")
@@ -334,26 +374,39 @@ def _manager(directory):
 
 @dataclasses.dataclass
 class Trajectory:
-  """A trained teacher's checkpoint trajectory: where it lives and which epochs it holds."""
+  """A trained teacher's checkpoint trajectory: where it lives and which epochs it holds.
+
+  `valid_recall` is the validation Recall@50 after every epoch (None with `select="epochs"`).
+  """
   name: str
   directory: str
   epochs: list[int]
+  valid_recall: list[float] | None = None
 
 
 def train_teacher(name: str, split: Split, directory: str, *, seed: int = 0,
                   spec: TeacherSpec | None = None, ctx=None,
-                  progress: Callable[[str], None] | None = None) -> Trajectory:
+                  progress: Callable[[str], None] | None = None, select: str = "validation",
+                  fractions=QUALITY_FRACTIONS, keep_candidates: bool = False) -> Trajectory:
   """Trains teacher `name` and saves its 4-checkpoint trajectory with Orbax in `directory`.
 
   Args:
     name: one of TEACHER_NAMES.
-    split: the data split (teachers see only `train`).
+    split: the data split (teachers train on `train`; `select="validation"` also reads `valid`).
     directory: where the Orbax checkpoints go (one step per saved epoch).
     seed: initialisation, batching and negative-sampling seed.
     spec: overrides DEFAULT_SPECS[name] (dim, epochs, lr, batch size).
     ctx: `make_context(split)` (built if omitted).
     progress: optional callback given a short status string after each epoch.
+    select: "validation" (`select_trajectory` over the validation Recall@50 of every epoch; the
+      epochs that improve on all earlier ones are saved while training, the others never) or
+      "epochs" (`trajectory_epochs`).
+    fractions: the quality levels of the early checkpoints for `select="validation"`.
+    keep_candidates: keep every saved improving epoch (to re-select with other fractions)
+      instead of deleting the unselected ones.
   """
+  if select not in ("validation", "epochs"):
+    raise ValueError(f"select must be 'validation' or 'epochs', got {select!r}.")
   spec = spec or DEFAULT_SPECS[name]
   ctx = ctx if ctx is not None else make_context(split)
   key = jax.random.key(seed)
@@ -365,20 +418,38 @@ def train_teacher(name: str, split: Split, directory: str, *, seed: int = 0,
   tx, epoch_fn = _EPOCH_CACHE[cache_key]
   params = nnx.split(model, nnx.Param)[1]
   opt_state = tx.init(params)
-  save_at = trajectory_epochs(spec.epochs)
+  by_val = select == "validation"
+  save_at = None if by_val else trajectory_epochs(spec.epochs)
+  graphdef = nnx.split(model, nnx.Param)[0]
   rng = np.random.default_rng(seed)
   mgr = _manager(directory)
+  curve, best = [], -np.inf
   for e in range(1, spec.epochs + 1):
     batches = _epoch_batches(model.batch_kind, split, spec.batch_size, rng)
     params, opt_state, loss = epoch_fn(params, opt_state, jax.random.fold_in(key, e),
                                        jax.tree.map(jnp.asarray, batches), ctx)
-    if e in save_at:
+    msg = f"{name} epoch {e}/{spec.epochs} loss {float(loss):.4f}"
+    save = not by_val and e in save_at
+    if by_val:
+      scorer = score_fn(nnx.merge(graphdef, params), ctx)
+      curve.append(metrics.evaluate(scorer, split, "valid", ks=(50,))["recall@50"])
+      save = curve[-1] > best  # only an improving epoch can be selected
+      best = max(best, curve[-1])
+      msg += f" valid R@50 {curve[-1]:.4f}"
+    if save:
       mgr.save(e, args=ocp.args.StandardSave(nnx.to_pure_dict(params)))
     if progress is not None:
-      progress(f"{name} epoch {e}/{spec.epochs} loss {float(loss):.4f}")
+      progress(msg)
   mgr.wait_until_finished()
+  if by_val:
+    save_at = select_trajectory(curve, fractions)
+    if not keep_candidates:
+      for step in mgr.all_steps():
+        if step not in save_at:
+          mgr.delete(step)
   mgr.close()
-  return Trajectory(name, os.path.abspath(directory), save_at)
+  return Trajectory(name, os.path.abspath(directory), save_at,
+                    [float(x) for x in curve] if by_val else None)
 
 
 def restore_teacher(name: str, split: Split, directory: str, epoch: int, *,

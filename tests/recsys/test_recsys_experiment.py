@@ -15,12 +15,25 @@ from experiments.configs import hetcomp as hetcomp_config
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_config_keeps_the_former_command_line_defaults():
+def test_config_defaults_and_the_runs_they_give():
   c = hetcomp_config.get_config()
-  # The argparse defaults before the move to ml_collections, written out by hand.
-  want = {"data_dir": "", "out": "", "seeds": 3, "seed_list": "", "merge": "", "quick": False,
-          "max_epochs": None, "period": None, "split_seed": 0, "official_batching": False}
+  want = {"data_dir": "", "out": "", "seeds": 5, "seed_list": "", "merge": "", "quick": False,
+          "period_steps": None, "eval_every_steps": None, "patience_steps": None,
+          "max_steps": None, "trajectory": "validation", "quality_fractions": "0.8,0.9,0.95",
+          "rrd_lambda": 0.1, "rrd_k": 40, "rrd_l": 40, "debias": True, "split_seed": 0,
+          "official_batching": False}
   assert c.to_dict() == want
+  runs = dict(hetcomp.distill_configs(c, seed=3))
+  assert list(runs)[:3] == [hetcomp.ABLATION, hetcomp.RRD, hetcomp.HETCOMP] and len(runs) == 5
+  assert runs[hetcomp.ABLATION].method == "all_at_once" and runs[hetcomp.RRD].method == "rrd"
+  het = runs[hetcomp.HETCOMP]
+  # the official loop's epochs as steps; no cap by default
+  assert (het.period_steps, het.eval_every_steps, het.patience_steps, het.max_steps) == (
+      600, 600, 3000, None)
+  assert het.seed == 3 and het.batching == "users" and het.lr == 1e-2
+  c.max_steps, c.debias = 9000, False
+  runs = dict(hetcomp.distill_configs(c, seed=0))
+  assert len(runs) == 3 and all(r.max_steps == 9000 for r in runs.values())
 
 
 def test_missing_or_malformed_data_path_is_a_clear_error(tmp_path):
@@ -58,7 +71,7 @@ def test_command_line_flags(tmp_path):
                                            for i in range(2)),
               f"--config.out={tmp_path / 'm'}")
   assert proc.returncode == 0, proc.stderr
-  assert "merged 2 file(s)" in proc.stdout and "± 0.1000" in proc.stdout
+  assert "merged 2 file(s)" in proc.stdout and "± 0.1414" in proc.stdout
   blob = json.loads((tmp_path / "m" / "results.json").read_text())
   assert blob["records"][0]["seeds"] == 2
   assert blob["records"][0]["recall@10"] == pytest.approx(0.2)
@@ -68,8 +81,8 @@ def test_summary_spread_and_merge(tmp_path):
   runs = {"A": [dict.fromkeys(hetcomp.METRICS, v) for v in (0.1, 0.3)]}
   (rec,) = hetcomp.summarize(runs)
   assert rec["recall@10"] == pytest.approx(0.2)
-  assert rec["recall@10_spread"] == pytest.approx(np.std([0.1, 0.3]))
-  assert "± 0.1000" in hetcomp.format_table([rec])
+  assert rec["recall@10_spread"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+  assert "± 0.1414" in hetcomp.format_table([rec])
   for i, part in enumerate(([runs["A"][0]], [runs["A"][1]])):
     hetcomp._write(str(tmp_path / f"r{i}"), 1, False, 1.0, hetcomp.summarize({"A": part}))
   merged = hetcomp.merge([str(tmp_path / f"r{i}" / "results.json") for i in range(2)],
@@ -78,3 +91,23 @@ def test_summary_spread_and_merge(tmp_path):
   blob = json.load(open(tmp_path / "m" / "results.json"))
   assert blob["records"][0]["seeds"] == 2
   assert set(hetcomp.METRICS) <= set(blob["records"][0])
+
+
+def test_paired_differences_by_seed_and_capped_label():
+  # seeds listed in different orders: differences are paired by seed, not by position
+  def rows(vals, seeds, capped=False):
+    return [dict(dict.fromkeys(hetcomp.METRICS, v), seed=s, capped=capped)
+            for v, s in zip(vals, seeds)]
+  recs = hetcomp.summarize({hetcomp.HETCOMP: rows([0.50, 0.52, 0.55], [0, 1, 2], True),
+                            hetcomp.STUDENT: rows([0.45, 0.40, 0.48], [1, 2, 0])})
+  (row,) = hetcomp.paired(recs)
+  d = np.array([0.50 - 0.48, 0.52 - 0.45, 0.55 - 0.40])
+  half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+  got = row["recall@50"]
+  assert (row["method"], row["baseline"], row["seeds"]) == (hetcomp.HETCOMP, hetcomp.STUDENT,
+                                                            [0, 1, 2])
+  assert got["mean"] == pytest.approx(d.mean())
+  assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+  table = hetcomp.format_table(recs)
+  assert "HetComp [capped]" in table and "Student alone (BPR) [capped]" not in table
+  assert f"{d.mean():+.4f}" in hetcomp.format_paired([row])

@@ -136,3 +136,86 @@ def test_bad_shapes_raise():
     losses.hetcomp_phase_a_loss(s, train[:, :3], t_ids, t_ok, p_ids, p_ok)
   with pytest.raises(ValueError, match="fewer than long"):
     losses.hetcomp_phase_b_loss(s, train, t_ids, t_ok, p_ids, p_ok, long=50)
+
+
+def _ref_rrd(s_int, s_unint, m_int, m_unint):
+  """DE-RRD's relaxed ranking loss written out in float64: only the interesting positions."""
+  out = []
+  for u in range(s_int.shape[0]):
+    pi = [float(x) for x, ok in zip(s_int[u], m_int[u]) if ok]
+    rest = sum(np.exp(float(x)) for x, ok in zip(s_unint[u], m_unint[u]) if ok)
+    tot = 0.0
+    for k in range(len(pi)):
+      tot += pi[k] - np.log(sum(np.exp(x) for x in pi[k:]) + rest)
+    out.append(-tot)
+  return np.asarray(out)
+
+
+def _rrd_case(seed=0, b=4, k=5, l=7):
+  rng = np.random.default_rng(seed)
+  s_int = rng.normal(size=(b, k)) * 2
+  s_unint = rng.normal(size=(b, l)) * 2
+  m_int = np.ones((b, k), bool)
+  m_int[1, 3:] = False  # a short interesting list
+  m_unint = np.ones((b, l), bool)
+  m_unint[2, ::2] = False
+  m_unint[3] = False  # no uninteresting item at all
+  return s_int, s_unint, m_int, m_unint
+
+
+def test_rrd_hand_case_and_reference():
+  # interesting (a, b) with scores (2, 1), uninteresting {c, d} with (0, -1):
+  # -[2 - log(e^2 + e + 1 + e^-1)] - [1 - log(e + 1 + e^-1)]
+  rest = 1 + np.exp(-1)
+  exp = -(2 - np.log(np.exp(2) + np.e + rest)) - (1 - np.log(np.e + rest))
+  got = losses.rrd_loss(jnp.array([[2.0, 1.0]]), jnp.array([[0.0, -1.0]]))
+  np.testing.assert_allclose(got, [exp], rtol=1e-6)
+  s_int, s_unint, m_int, m_unint = _rrd_case()
+  got = losses.rrd_loss(s_int, s_unint, interesting_mask=m_int, uninteresting_mask=m_unint)
+  np.testing.assert_allclose(got, _ref_rrd(s_int, s_unint, m_int, m_unint), rtol=2e-5)
+
+
+def test_rrd_is_listmle_minus_the_uninteresting_positions():
+  # ListMLE (rax) over [pi; U] in that order = RRD + ListMLE over U alone (same order).
+  import rax
+  s_int, s_unint, _, _ = _rrd_case(seed=3)
+  k, l = s_int.shape[1], s_unint.shape[1]
+  both = np.concatenate([s_int, s_unint], 1)
+  labels = np.broadcast_to(np.arange(k + l, 0, -1, dtype=np.float32), both.shape)
+  full = rax.listmle_loss(jnp.asarray(both), jnp.asarray(labels), reduce_fn=None)
+  tail = rax.listmle_loss(jnp.asarray(s_unint), jnp.asarray(labels[:, k:]), reduce_fn=None)
+  np.testing.assert_allclose(losses.rrd_loss(s_int, s_unint), full - tail, rtol=1e-5)
+
+
+def test_rrd_numerics_masks_and_bf16():
+  s_int, s_unint, m_int, m_unint = _rrd_case(seed=4)
+  rng = np.random.default_rng(1)
+  big_i = np.where(rng.random(s_int.shape) < 0.5, 1e4, -1e4)
+  big_u = np.where(rng.random(s_unint.shape) < 0.5, 1e4, -1e4)
+  f = lambda a, b, **kw: jnp.sum(losses.rrd_loss(a, b, **kw))  # noqa: E731
+  val, grads = jax.value_and_grad(f, argnums=(0, 1))(
+      jnp.asarray(big_i), jnp.asarray(big_u), interesting_mask=m_int, uninteresting_mask=m_unint)
+  assert np.isfinite(val) and all(np.all(np.isfinite(g)) for g in grads)
+  # all-false masks: exactly 0 with zero gradients; zero scores are finite
+  val, grads = jax.value_and_grad(f, argnums=(0, 1))(
+      jnp.asarray(s_int), jnp.asarray(s_unint), interesting_mask=np.zeros_like(m_int),
+      uninteresting_mask=np.zeros_like(m_unint))
+  assert float(val) == 0.0 and all(np.all(np.asarray(g) == 0.0) for g in grads)
+  out = losses.rrd_loss(np.zeros_like(s_int), np.zeros_like(s_unint),
+                        where=np.array([True, False, True, True]))
+  assert float(out[1]) == 0.0 and np.all(np.isfinite(out))
+  # masked entries never reach the loss, whatever their scores
+  poisoned_u = np.where(m_unint, s_unint, 1e4)
+  np.testing.assert_allclose(
+      losses.rrd_loss(s_int, poisoned_u, interesting_mask=m_int, uninteresting_mask=m_unint),
+      _ref_rrd(s_int, s_unint, m_int, m_unint), rtol=2e-5)
+  # bfloat16 inputs are computed in float32
+  out16 = losses.rrd_loss(jnp.asarray(s_int, jnp.bfloat16), jnp.asarray(s_unint, jnp.bfloat16))
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(
+      out16, losses.rrd_loss(jnp.asarray(s_int, jnp.bfloat16).astype(jnp.float32),
+                             jnp.asarray(s_unint, jnp.bfloat16).astype(jnp.float32)), rtol=1e-6)
+  with pytest.raises(ValueError, match="share the user axis"):
+    losses.rrd_loss(s_int, s_unint[:2])
+  with pytest.raises(ValueError, match="interesting_mask"):
+    losses.rrd_loss(s_int, s_unint, interesting_mask=m_int[:, :2])
