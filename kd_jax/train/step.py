@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kd_jax.parallel import BATCH_AXIS
+from kd_jax.train import dot_optim as dot_lib
 from kd_jax.train.state import TrainState, split_trainable
 from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, owns_variables
 from kd_jax.train.terms import parse_terms
@@ -108,6 +109,10 @@ def make_train_step(loss, *,
     once before training when `step.owns_variables`: fitnet, cc, crd); `step.batch_keys` names
     the batch entries the terms read besides the input and labels.
 
+    When the state's optimizer is `kd_jax.train.dot(...)` (DOT), the step differentiates the task
+    loss (the terms that read no teacher, "ce") and the distillation loss (the others)
+    separately, from one forward pass, and passes `{"task": g, "kd": g}` to it.
+
   Raises:
     ValueError: an unknown term, or a term that needs a teacher when none is given.
   """
@@ -140,6 +145,7 @@ def make_train_step(loss, *,
     """The student's update given the (frozen) teacher outputs of this batch."""
     x = batch[input_key]
     rng, step_rng = jax.random.split(state.rng)
+    dot = dot_lib.is_dot(state.tx)
 
     def loss_fn(trainable):
       params, term_params = split_trainable(trainable, state.term_params)
@@ -149,11 +155,17 @@ def make_train_step(loss, *,
                         axis_name=axis_name, step=state.step, rng=step_rng)
       values, new_term_state = run_terms(terms, ctx, term_params, state.term_state)
       weights = {t.name: t.weight_at(state.step) for t in terms}
-      total = sum(weights[t.name] * values[t.name] for t in terms)
+      if dot:  # DOT: the task and the distillation loss, differentiated separately
+        total = dot_lib.group_totals(terms, values, weights)
+      else:
+        total = sum(weights[t.name] * values[t.name] for t in terms)
       return total, (values, weights, new_model_state, student.logits, new_term_state)
 
-    grads, (values, weights, new_model_state, logits, new_term_state) = jax.grad(
-        loss_fn, has_aux=True)(state.trainable())
+    if dot:  # {"task": g, "kd": g} from one forward (`kd_jax.train.dot_optim`)
+      grads, aux = dot_lib.two_gradients(loss_fn, state.trainable())
+    else:
+      grads, aux = jax.grad(loss_fn, has_aux=True)(state.trainable())
+    values, weights, new_model_state, logits, new_term_state = aux
     total = sum(weights[k] * values[k] for k in values)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     where = batch.get("mask")
