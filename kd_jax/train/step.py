@@ -29,11 +29,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kd_jax.parallel import BATCH_AXIS
+from kd_jax.teachers import Ensemble
 from kd_jax.train import dot_optim as dot_lib
 from kd_jax.train.state import TrainState, split_trainable
 from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, owns_variables
 from kd_jax.train.terms import parse_terms
 from kd_jax.train.terms import run_terms
+from kd_jax.train.terms import ensemble as ensemble_terms
 
 
 def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
@@ -47,7 +49,18 @@ def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool):
 
 def teacher_outputs(teacher_graphdef: nnx.GraphDef, teacher_variables: Mapping[str, Any],
                     x) -> Outputs:
-  """The frozen teacher's outputs: inference mode (BN running statistics), no gradient."""
+  """The frozen teacher's outputs: inference mode (BN running statistics), no gradient. For a
+  `kd_jax.teachers.Ensemble` (and a tuple of the members' variables), every member's outputs
+  combined as `kd_jax.train.terms.ensemble.combine_outputs`."""
+  if isinstance(teacher_graphdef, Ensemble):
+    if len(teacher_variables) != len(teacher_graphdef.graphdefs):
+      raise ValueError(f"the teacher ensemble has {len(teacher_graphdef.graphdefs)} members but "
+                       f"{len(teacher_variables)} sets of teacher variables were given.")
+    members = [teacher_outputs(g, v, x)
+               for g, v in zip(teacher_graphdef.graphdefs, teacher_variables)]
+    return ensemble_terms.combine_outputs(members, weights=teacher_graphdef.weights,
+                                          combine=teacher_graphdef.combine,
+                                          temperature=teacher_graphdef.temperature)
   variables = jax.lax.stop_gradient(dict(teacher_variables))
   out, _ = apply_model(teacher_graphdef, variables["params"], variables["batch_stats"], x,
                        train=False)
@@ -89,7 +102,8 @@ def make_train_step(loss, *,
       `fn(ctx: TermContext) -> scalar` (see `terms.parse_terms`).
     teacher_graphdef: the teacher's graph definition (its variables are a step argument, so large
       teachers are not baked into the program as constants); None for training without a teacher
-      (only terms such as "ce" are then allowed).
+      (only terms such as "ce" are then allowed); or a `kd_jax.teachers.Ensemble` (then
+      `teacher_variables` is the tuple of the members' variables, `FrozenEnsemble.variables`).
     loss_options: per-term options, e.g. {"kd": {"temperature": 4.0}}.
     axis_name: the data-parallel axis to `pmean` over; None for a plain single-device step.
     input_key: the batch entry fed to both models.
@@ -117,6 +131,8 @@ def make_train_step(loss, *,
     ValueError: an unknown term, or a term that needs a teacher when none is given.
   """
   terms = parse_terms(loss, loss_options)
+  if isinstance(teacher_graphdef, Ensemble) and teacher_graphdef.combine == "per_teacher":
+    terms = ensemble_terms.per_teacher_terms(terms, teacher_graphdef.weights)
   if cached_teacher is not None and teacher_graphdef is not None:
     raise ValueError("pass either teacher_graphdef (run the teacher in the step) or "
                      "cached_teacher (read its outputs from the batch), not both.")
