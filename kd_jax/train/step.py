@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kd_jax.data import mixing as mixing_lib
+from kd_jax.data.mixing import Mixing
 from kd_jax.parallel import BATCH_AXIS
 from kd_jax.teachers import Ensemble
 from kd_jax.train import dot_optim as dot_lib
@@ -91,7 +93,9 @@ def make_train_step(loss, *,
                     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
                     axis_name: str | None = BATCH_AXIS,
                     input_key: str = "image",
-                    cached_teacher: str | None = None) -> Callable[..., tuple[TrainState, dict]]:
+                    cached_teacher: str | None = None,
+                    teacher_input_key: str | None = None,
+                    mixing: Mixing | None = None) -> Callable[..., tuple[TrainState, dict]]:
   """Builds the per-device step for the weighted sum of loss terms `loss`.
 
   total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
@@ -106,13 +110,19 @@ def make_train_step(loss, *,
       `teacher_variables` is the tuple of the members' variables, `FrozenEnsemble.variables`).
     loss_options: per-term options, e.g. {"kd": {"temperature": 4.0}}.
     axis_name: the data-parallel axis to `pmean` over; None for a plain single-device step.
-    input_key: the batch entry fed to both models.
+    input_key: the batch entry fed to the student (and to the teacher, unless
+      `teacher_input_key`).
     cached_teacher: read the teacher's outputs from the batch instead of running a teacher: the
       prefix of the batch keys that hold them, e.g. "teacher_" for the columns that
       `kd_jax.data.teacher_cache.attach` adds ("teacher_logits" and one "teacher_<feature>"
       per cached feature). The step then costs a student step; use it only for inputs without
       random augmentation (the cache holds the teacher's view of the un-augmented example).
       Excludes `teacher_graphdef`.
+    teacher_input_key: the batch entry fed to the teacher when it differs from the student's
+      (e.g. a higher-resolution view of the same examples); None: `input_key`.
+    mixing: a `kd_jax.data.mixing.Mixing` (mixup or CutMix): the step mixes the student's and
+      the teacher's inputs with the same draw, keyed by `(mixing.seed, state.step)`, before
+      either model runs (function matching; the "ce" term then mixes the labels).
 
   Returns:
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
@@ -144,7 +154,8 @@ def make_train_step(loss, *,
     if teacher_graphdef is not None:
       if teacher_variables is None:
         raise ValueError("this step was built with a teacher: pass teacher_variables.")
-      return teacher_outputs(teacher_graphdef, teacher_variables, batch[input_key])
+      return teacher_outputs(teacher_graphdef, teacher_variables,
+                             batch[teacher_input_key or input_key])
     if cached_teacher is not None:
       if teacher_variables is not None:
         raise ValueError("this step reads the teacher from the batch (cached_teacher); "
@@ -152,7 +163,16 @@ def make_train_step(loss, *,
       return cached_teacher_outputs(batch, cached_teacher)
     return None
 
+  def prepare(batch: Mapping[str, jax.Array], step_count) -> Mapping[str, jax.Array]:
+    """The batch both models read at `step_count`: mixed when `mixing` is set."""
+    if mixing is None:
+      return batch
+    keys = [input_key] + ([teacher_input_key] if teacher_input_key and cached_teacher is None
+                          else [])
+    return mixing_lib.mix_batch(batch, mixing, step=step_count, keys=keys)
+
   def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
+    batch = prepare(batch, state.step)
     # The one place where the teacher is frozen: no loss stops gradients itself.
     teacher = jax.lax.stop_gradient(teacher_of(batch, teacher_variables))
     return update(state, batch, teacher)
@@ -228,6 +248,7 @@ def make_train_step(loss, *,
   step.batch_keys = frozenset(k for t in terms for k in t.term.batch_keys)
   step.update = update
   step.teacher_of = teacher_of
+  step.prepare = prepare
   return step
 
 
@@ -258,7 +279,9 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             teacher_graphdef: nnx.GraphDef | None = None,
                             loss_options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
                             = None, axis_name: str | None = BATCH_AXIS, input_key: str = "image",
-                            cached_teacher: str | None = None) -> Callable[..., tuple[dict, dict]]:
+                            cached_teacher: str | None = None,
+                            teacher_input_key: str | None = None,
+                            mixing: Mixing | None = None) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
   A KD table is many students (methods x seeds) distilled from one teacher on the same data.
@@ -269,7 +292,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
 
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
-    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`.
+    teacher_graphdef, axis_name, input_key, cached_teacher, teacher_input_key, mixing: as
+      `make_train_step` (every student sees the same mixed batch, keyed by the step count).
     loss_options: {method name: per-term options} (optional).
 
   Returns:
@@ -283,7 +307,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     raise ValueError(f"loss_options for unknown method(s) {unknown}; methods: {sorted(methods)}.")
   steps = {name: make_train_step(spec, teacher_graphdef=teacher_graphdef,
                                  loss_options=loss_options.get(name), axis_name=axis_name,
-                                 input_key=input_key, cached_teacher=cached_teacher)
+                                 input_key=input_key, cached_teacher=cached_teacher,
+                                 teacher_input_key=teacher_input_key, mixing=mixing)
            for name, spec in methods.items()}
   if not steps:
     raise ValueError("make_multi_student_step needs at least one method.")
@@ -292,6 +317,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
   def step(states: Mapping[str, TrainState], batch, teacher_variables=None):
     if set(states) != set(steps):
       raise ValueError(f"states hold methods {sorted(states)}, the step {sorted(steps)}.")
+    if mixing is not None:  # one draw for all students: the step count of the first one
+      batch = any_step.prepare(batch, states[next(iter(steps))].step[0])
     teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
     new_states, metrics = {}, {}
     for name, sub in steps.items():
