@@ -82,7 +82,8 @@ def test_mix_batch_is_keyed_by_seed_and_step_and_mixes_both_views_alike():
   full = dict(batch, mask=np.ones(6, bool))
   for k in ("image", "image_hi"):  # the same relative box on both resolutions
     want, _ = _np_cutmix(batch[k], lam, center)
-    want[0], want[5] = batch[k][0], batch[k][5]  # rows 0 (its partner, row 5, is padding) and 5 (padding) stay
+    # Row 5 is padding and row 0's partner is row 5: neither is mixed.
+    want[0], want[5] = batch[k][0], batch[k][5]
     np.testing.assert_array_equal(c[k], want)
   np.testing.assert_allclose(c["mix_lambda"][1], _np_cutmix(full["image"], lam, center)[1],
                              rtol=1e-6)
