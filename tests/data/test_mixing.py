@@ -58,34 +58,35 @@ def test_mix_batch_is_keyed_by_seed_and_step_and_mixes_both_views_alike():
   batch = {"image": rng.normal(size=(6, 8, 8, 1)).astype(np.float32),
            "image_hi": rng.normal(size=(6, 16, 16, 1)).astype(np.float32),
            "label": np.arange(6, dtype=np.int32), "mask": np.array([1, 1, 1, 1, 1, 0], bool)}
-  m = mixing.Mixing("mixup", alpha=1.0, seed=3)
-  a = mixing.mix_batch(batch, m, step=jnp.int32(4), keys=("image", "image_hi"))
-  b = jax.jit(lambda bt, s: mixing.mix_batch(bt, m, step=s, keys=("image", "image_hi")))(
-      batch, jnp.int32(4))
-  np.testing.assert_allclose(a["image"], b["image"], rtol=1e-6, atol=1e-6)  # deterministic, jitted or not
-  lam = float(mixing.draw_lambda(jax.random.split(
-      jax.random.fold_in(jax.random.key(3), 4))[0], 1.0))
+  m, cm = mixing.Mixing("mixup", alpha=1.0, seed=3), mixing.Mixing("cutmix", seed=3)
+
+  @jax.jit
+  def run(bt):  # everything in one program: one compilation
+    keys = ("image", "image_hi")
+    k_lam, k_center = jax.random.split(jax.random.fold_in(jax.random.key(3), 4))
+    return (mixing.mix_batch(bt, m, step=jnp.int32(4), keys=keys),
+            mixing.mix_batch(bt, m, step=jnp.int32(5), keys=keys),
+            mixing.mix_batch(bt, cm, step=jnp.int32(4), keys=keys),
+            mixing.draw_lambda(k_lam, 1.0), jax.random.uniform(k_center, (2,)))
+
+  a, other, c, lam, center = run(batch)
+  again = run(batch)[0]
+  np.testing.assert_array_equal(a["image"], again["image"])  # deterministic
+  lam, center = float(lam), np.asarray(center)
   assert 0.5 <= lam <= 1.0
   for k in ("image", "image_hi"):
     np.testing.assert_allclose(a[k], _np_mixup(batch[k], lam, batch["mask"]), rtol=1e-5,
                                atol=1e-6)
   np.testing.assert_allclose(a["mix_lambda"], [1.0, lam, lam, lam, lam, 1.0], rtol=1e-6)
   np.testing.assert_array_equal(a["mix_label"], [5, 0, 1, 2, 3, 4])
-  other = mixing.mix_batch(batch, m, step=jnp.int32(5), keys=("image",))
-  assert not np.allclose(other["mix_lambda"][1], lam)
+  assert not np.allclose(other["mix_lambda"][1], lam)  # another step, another draw
 
-  c = mixing.mix_batch(batch, mixing.Mixing("cutmix", seed=3), step=jnp.int32(4),
-                       keys=("image", "image_hi"))
-  k_lam, k_center = jax.random.split(jax.random.fold_in(jax.random.key(3), 4))
-  lam, center = float(mixing.draw_lambda(k_lam, 1.0)), np.asarray(jax.random.uniform(k_center,
-                                                                                     (2,)))
-  full = dict(batch, mask=np.ones(6, bool))
   for k in ("image", "image_hi"):  # the same relative box on both resolutions
     want, _ = _np_cutmix(batch[k], lam, center)
     # Row 5 is padding and row 0's partner is row 5: neither is mixed.
     want[0], want[5] = batch[k][0], batch[k][5]
     np.testing.assert_array_equal(c[k], want)
-  np.testing.assert_allclose(c["mix_lambda"][1], _np_cutmix(full["image"], lam, center)[1],
+  np.testing.assert_allclose(c["mix_lambda"][1], _np_cutmix(batch["image"], lam, center)[1],
                              rtol=1e-6)
   with pytest.raises(ValueError, match="no \\['view'\\]"):
     mixing.mix_batch(batch, m, step=0, keys=("view",))

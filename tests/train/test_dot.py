@@ -149,14 +149,15 @@ def test_step_with_dot_differentiates_task_and_distillation_losses_separately():
     ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(s), b["label"][:, None], 1))
     return 0.1 * ce, 0.9 * jnp.mean(losses.kd(s, t, temperature=4.0))
 
+  grads_of = jax.jit(lambda p, b: tuple(jax.tree.leaves(jax.grad(lambda p: losses_of(p, b)[i])(p))
+                                        for i in (0, 1)))
   leaves, treedef = jax.tree.flatten(params0)
   ref = NumpyDOT({str(i): np.asarray(x) for i, x in enumerate(leaves)},
                  momentum=0.9 - 0.075, momentum_kd=0.9 + 0.075, weight_decay=5e-4)
   for b in batches:
     p = jax.tree.unflatten(treedef, [jnp.asarray(ref.params[str(i)], jnp.float32)
                                      for i in range(len(leaves))])
-    g_task = jax.tree.leaves(jax.grad(lambda p: losses_of(p, b)[0])(p))
-    g_kd = jax.tree.leaves(jax.grad(lambda p: losses_of(p, b)[1])(p))
+    g_task, g_kd = grads_of(p, b)
     ref.step_kd({str(i): np.asarray(g) for i, g in enumerate(g_kd)})
     ref.step({str(i): np.asarray(g) for i, g in enumerate(g_task)}, 0.2)
   for i, x in enumerate(jax.tree.leaves(state.params)):

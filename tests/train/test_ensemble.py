@@ -8,8 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
+from kd_jax import models
 from kd_jax import teachers
-from kd_jax.models import create_compiled as create_model
 from kd_jax.train.state import TrainState
 from kd_jax.train.step import make_train_step, teacher_outputs
 from tests.train._toy import ToyNet, toy_batch
@@ -117,24 +117,35 @@ def test_per_teacher_terms_average_each_members_term():
     make_train_step("ce:1,fitnet:1", teacher_graphdef=ens, axis_name=None)
 
 
+def _random_model(name, seed, **options):
+  """A registered model with random weights (abstract init, no compiled initialiser)."""
+  abstract = nnx.eval_shape(lambda: models.create(name, num_classes=10, rngs=nnx.Rngs(0),
+                                                  **options))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  fill = lambda lo, hi: (lambda s: jnp.asarray(rng.uniform(lo, hi, size=s.shape), s.dtype))
+  return nnx.merge(graphdef, jax.tree.map(fill(-0.5, 0.5), params),
+                   jax.tree.map(fill(0.5, 1.5), rest))  # BN variances stay positive
+
+
 def test_restore_ensemble_of_two_architectures_from_orbax(tmp_path):
-  cnn = create_model("cnn_digits", num_classes=10, seed=3)
-  mlp = create_model("mlp_digits", num_classes=10, seed=4)
+  cnn, mlp = _random_model("cnn_digits", 3), _random_model("mlp_digits", 4, hidden=(16, 8))
   teachers.save_teacher(tmp_path / "cnn", cnn)
   teachers.save_teacher(tmp_path / "mlp", mlp)
-  ens = teachers.restore_ensemble([(tmp_path / "cnn", "cnn_digits"), (tmp_path / "mlp",
-                                                                      "mlp_digits")],
+  ens = teachers.restore_ensemble([(tmp_path / "cnn", "cnn_digits"),
+                                   (tmp_path / "mlp", "mlp_digits", {"hidden": (16, 8)})],
                                   num_classes=10, weights=(1, 3), temperature=2.0)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
-  got = teacher_outputs(ens.graphdef, ens.variables, x)
-  z1, z2 = (np.float64(m(x, train=False)[0]) for m in (cnn, mlp))
+  got = jax.jit(lambda v, x: teacher_outputs(ens.graphdef, v, x))(ens.variables, x)
+  z1, z2 = (np.float64(z) for z in jax.jit(
+      lambda x: [m(x, train=False)[0] for m in (cnn, mlp)])(x))
   p = 0.25 * np.exp(_np_log_softmax(z1 / 2)) + 0.75 * np.exp(_np_log_softmax(z2 / 2))
   np.testing.assert_allclose(jax.nn.softmax(got.logits / 2), p, rtol=1e-5, atol=1e-7)
   assert set(got.features) >= {"0/pre_pool", "1/embedding"} and len(got.members) == 2
   with pytest.raises(ValueError, match="members but 1"):
     teacher_outputs(ens.graphdef, ens.variables[:1], x)
+  other = teachers.FrozenTeacher(ens.members[0].graphdef, ens.members[0].variables, "five", 5)
   with pytest.raises(ValueError, match="different numbers of classes"):
-    teachers.ensemble([ens.members[0], teachers.freeze(ToyNet(num_classes=5, rngs=nnx.Rngs(0)),
-                                                       num_classes=5)])
+    teachers.ensemble([ens.members[0], other])
   with pytest.raises(ValueError, match="weights"):
     teachers.Ensemble(ens.graphdef.graphdefs, weights=(1.0,))
