@@ -40,9 +40,11 @@ from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax import parallel
 from kd_jax import teachers
+from kd_jax.data.mixing import Mixing
 from kd_jax.models import create_compiled as create_model
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
+from kd_jax.train.dot_optim import dot
 from kd_jax.train.evaluate import evaluate, make_eval_step, predict_logits
 from kd_jax.train.state import TrainState, sgd, step_decay_schedule
 from kd_jax.train.step import make_multi_student_step, make_train_step, stack_states
@@ -190,8 +192,9 @@ def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = Non
 # ---------------------------------------------------------------------------- pieces
 
 def _optimizer(cfg, steps_per_epoch: int):
-  """`cfg.optimizer`: "sgd" (torch.optim.SGD: momentum, L2 weight decay; RepDistiller's) or
-  "adamw"; `cfg.schedule`: "step" (x decay_rate at each of decay_epochs) or "cosine" (to 0)."""
+  """`cfg.optimizer`: "sgd" (torch.optim.SGD: momentum, L2 weight decay; RepDistiller's),
+  "dot" (DOT, `kd_jax.train.dot`: SGD with task/distillation momenta `momentum -+ cfg.delta`)
+  or "adamw"; `cfg.schedule`: "step" (x decay_rate at each of decay_epochs) or "cosine" (to 0)."""
   lr = float(cfg.learning_rate)
   kind = cfg.get("schedule", "step")
   if kind == "step":
@@ -206,9 +209,13 @@ def _optimizer(cfg, steps_per_epoch: int):
   if name == "sgd":
     return sgd(schedule, momentum=float(cfg.get("momentum", 0.9)),
                weight_decay=float(cfg.get("weight_decay", 0.0)))
+  if name == "dot":
+    return dot(schedule, momentum=float(cfg.get("momentum", 0.9)),
+               delta=float(cfg.get("delta", 0.075)),
+               weight_decay=float(cfg.get("weight_decay", 0.0)))
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=float(cfg.get("weight_decay", 0.0)))
-  raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}.")
+  raise ValueError(f"optimizer must be 'sgd', 'dot' or 'adamw', got {name!r}.")
 
 
 def _num_steps(cfg, steps_per_epoch: int) -> int:
@@ -416,15 +423,24 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   all students see the same batches. Returns ({method: stacked state}, history)."""
   scfg = config.student
   spe = runner.data.steps_per_epoch
-  tx = _optimizer(scfg, spe)
+  # `config.method_optimizer`: {method: optimizer settings over config.student's} (DOT).
+  overrides = dict(config.get("method_optimizer", {}) or {})
+  unknown = sorted(set(overrides) - set(specs))
+  if unknown:
+    raise ValueError(f"config.method_optimizer names unknown method(s) {unknown}; methods: "
+                     f"{sorted(specs)}.")
+  txs = {m: _optimizer(ml_collections.ConfigDict({**scfg.to_dict(), **dict(overrides[m])})
+                       if m in overrides else scfg, spe) for m in specs}
   axis = None if runner.mode == "none" else parallel.BATCH_AXIS
   per_method = {m: {k: v for k, v in options.items()
                     if k in {t.name for t in terms_lib.parse_terms(spec)}}
                 for m, spec in specs.items()}
   sync_bn = bool(config.get("sync_batch_norm", False))
-  step = make_multi_student_step(specs, teacher_graphdef=teacher.graphdef,
-                                 loss_options=per_method, axis_name=axis,
-                                 sync_batch_norm=sync_bn)
+  mixing = dict(config.get("mixing", {}) or {})
+  step = make_multi_student_step(
+      specs, teacher_graphdef=teacher.graphdef, loss_options=per_method, axis_name=axis,
+      sync_batch_norm=sync_bn, teacher_input_key=config.get("teacher_input_key") or None,
+      mixing=Mixing(**{"seed": int(config.seed), **mixing}) if mixing else None)
   with_index = any("index" in sub.batch_keys for sub in step.steps.values())
   example = None
   inits = []
@@ -435,7 +451,7 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   for m, sub in step.steps.items():
     per_seed = []
     for seed, (graphdef, init) in zip(seeds, inits):
-      st = TrainState.create(nnx.merge(graphdef, jax.tree.map(jnp.array, init)), tx,
+      st = TrainState.create(nnx.merge(graphdef, jax.tree.map(jnp.array, init)), txs[m],
                              rng=jax.random.key(seed))
       if sub.owns_variables:
         if example is None:
@@ -468,6 +484,10 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
               "data_seed": int(config.seed),
               "data": dict(config.get("data", {}) or {}),
               **({"sync_batch_norm": True} if sync_bn else {})}
+  # Only when used, so that the workdirs of runs without them still resume.
+  extras = {"method_optimizer": {m: dict(v) for m, v in overrides.items()}, "mixing": mixing,
+            "teacher_input_key": config.get("teacher_input_key") or None}
+  run_info.update({k: v for k, v in extras.items() if v})
   eval_every = int(config.get("eval_every_epochs", 0) or 0) * spe
   return loop.fit(
       states, step, functools.partial(runner.data.train, with_index=with_index, transfer=True),

@@ -7,13 +7,20 @@ model itself (`nnx.eval_shape`, no parameter is initialised), compares every arr
 shape and dtype with the checkpoint's metadata before reading anything, and returns a
 `FrozenTeacher`: variables under `stop_gradient`, applied only in inference mode (BatchNorm uses
 its running statistics), and refused by `save_teacher` (teachers are never re-saved).
+
+A teacher ensemble (`ensemble`, `restore_ensemble`) is a `FrozenEnsemble`: its `graphdef` is an
+`Ensemble` (the members' graph definitions, weights and how to combine them) and its
+`variables` the members' variables, so it goes wherever one teacher goes
+(`make_train_step(..., teacher_graphdef=ens.graphdef)`, `step(state, batch, ens.variables)`);
+the members may be different architectures, and all of them run inside the same jitted step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -186,3 +193,131 @@ def check_teacher_outputs(teacher: FrozenTeacher, batches: Iterable[Mapping[str,
             f"the teacher {teacher.model_name or ''} ({teacher.path or 'in memory'}) gives "
             f"{bad} non-finite (NaN/inf) values in its {name} of shape {value.shape} on batch "
             f"{i}; refusing to distil from it.")
+
+
+# ------------------------------------------------------------------------------------ ensembles
+
+ENSEMBLE_COMBINE = ("probs", "logits", "per_teacher")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ensemble:
+  """How a teacher ensemble runs in the step: its members' graph definitions and their combination.
+
+  Passed as `teacher_graphdef` to `kd_jax.train.make_train_step` (with the members' variables,
+  a tuple, as `teacher_variables`). The combined teacher the terms see
+  (`kd_jax.train.terms.ensemble.combine_outputs`):
+
+  - `combine="probs"` (default): logits `T log(sum_i w_i softmax(z_i / T))`, so that
+    `softmax(logits / T)` is the weighted mean of the members' softmaxes at temperature `T`
+    (`temperature`; give it the KD term's temperature);
+  - `combine="logits"`: the weighted mean of the members' logits;
+  - `combine="per_teacher"`: every term that reads the teacher is evaluated once per member
+    and the values are averaged with the weights (terms with their own parameters or state
+    cannot be used this way).
+
+  Features: member i's feature `name` is `"<i>/<name>"` (e.g. `"0/pre_pool"`), since the members
+  may be different architectures; in the per-teacher mode each evaluation sees its member's own
+  feature names. The members' outputs are also in `teacher.members`.
+
+  Attributes:
+    graphdefs: one `nnx.GraphDef` per member.
+    weights: one non-negative weight per member (normalised to sum 1); default equal.
+    combine: "probs", "logits" or "per_teacher".
+    temperature: the temperature of the "probs" combination.
+  """
+
+  graphdefs: tuple
+  weights: tuple[float, ...] | None = None
+  combine: str = "probs"
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    graphdefs = tuple(self.graphdefs)
+    if not graphdefs:
+      raise ValueError("a teacher ensemble needs at least one member.")
+    weights = (1.0,) * len(graphdefs) if self.weights is None else tuple(map(float, self.weights))
+    if len(weights) != len(graphdefs):
+      raise ValueError(f"a teacher ensemble of {len(graphdefs)} members needs as many weights, "
+                       f"got {len(weights)}: {weights}.")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+      raise ValueError(f"ensemble weights must be finite, >= 0 and not all 0, got {weights}.")
+    if self.combine not in ENSEMBLE_COMBINE:
+      raise ValueError(f"ensemble combine must be one of {ENSEMBLE_COMBINE}, got "
+                       f"{self.combine!r}.")
+    if not self.temperature > 0:
+      raise ValueError(f"ensemble temperature must be > 0, got {self.temperature}.")
+    total = sum(weights)
+    object.__setattr__(self, "graphdefs", graphdefs)
+    object.__setattr__(self, "weights", tuple(w / total for w in weights))
+    object.__setattr__(self, "temperature", float(self.temperature))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEnsemble:
+  """Restored or frozen teachers as one teacher: `graphdef` is an `Ensemble`, `variables` the
+  members' frozen variables (a tuple), `members` the `FrozenTeacher`s."""
+
+  graphdef: Ensemble
+  variables: tuple
+  members: tuple
+
+  @property
+  def num_classes(self) -> int:
+    return self.members[0].num_classes
+
+  @property
+  def model_name(self) -> str:
+    return "+".join(m.model_name or "?" for m in self.members)
+
+  @property
+  def path(self):
+    return tuple(m.path for m in self.members)
+
+
+def ensemble(members: Sequence[FrozenTeacher], *, weights: Sequence[float] | None = None,
+             combine: str = "probs", temperature: float = 1.0) -> FrozenEnsemble:
+  """Frozen teachers (e.g. from `restore_teacher` or `freeze`) as one `FrozenEnsemble`.
+
+  Raises:
+    ValueError: no member, members with different (known) class counts, or bad weights,
+      `combine` or `temperature` (see `Ensemble`).
+  """
+  members = tuple(members)
+  if not members:
+    raise ValueError("a teacher ensemble needs at least one member.")
+  for m in members:
+    if not isinstance(m, FrozenTeacher):
+      raise TypeError(f"ensemble members are FrozenTeachers (restore_teacher or freeze), got "
+                      f"{type(m).__name__}.")
+  known = {m.num_classes for m in members if m.num_classes is not None and m.num_classes >= 0}
+  if len(known) > 1:
+    raise ValueError("teacher ensemble members predict different numbers of classes: "
+                     + ", ".join(f"{m.model_name or i}: {m.num_classes}"
+                                 for i, m in enumerate(members)) + ".")
+  spec = Ensemble(tuple(m.graphdef for m in members), None if weights is None else tuple(weights),
+                  combine, temperature)
+  return FrozenEnsemble(graphdef=spec, variables=tuple(m.variables for m in members),
+                        members=members)
+
+
+def restore_ensemble(members: Sequence[tuple], *, num_classes: int,
+                     weights: Sequence[float] | None = None, combine: str = "probs",
+                     temperature: float = 1.0) -> FrozenEnsemble:
+  """Restores every member with `restore_teacher` and returns them as a `FrozenEnsemble`.
+
+  Args:
+    members: `(path, model_name)` or `(path, model_name, model_options)` per member; the
+      architectures may differ.
+    num_classes: the classifier size every member was trained with.
+    weights, combine, temperature: see `Ensemble`.
+  """
+  restored = []
+  for entry in members:
+    if len(entry) not in (2, 3):
+      raise ValueError(f"an ensemble member is (path, model_name[, model_options]), got "
+                       f"{entry!r}.")
+    path, name, *opts = entry
+    restored.append(restore_teacher(path, name, num_classes=num_classes,
+                                    **(dict(opts[0]) if opts else {})))
+  return ensemble(restored, weights=weights, combine=combine, temperature=temperature)

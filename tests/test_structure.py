@@ -1,5 +1,5 @@
 """The package's layout: no import cycle among kd_jax's modules, and kd_jax/train/ holds only the
-train state, the step, the loss terms, the loop and evaluation."""
+train state, the step, the loss terms, the loop, evaluation and DOT's two-gradient optimizer."""
 
 import ast
 import os
@@ -73,4 +73,5 @@ def test_no_import_cycle():
 
 def test_train_package_holds_only_the_training_pieces():
   entries = sorted(e for e in os.listdir(os.path.join(ROOT, "train")) if not e.startswith("__"))
-  assert entries == ["evaluate.py", "loop.py", "state.py", "step.py", "terms"]
+  # dot_optim.py: DOT's optimizer, which takes the step's two gradients (the step depends on it).
+  assert entries == ["dot_optim.py", "evaluate.py", "loop.py", "state.py", "step.py", "terms"]

@@ -16,6 +16,18 @@ Pick the pair after a colon (names as in the CIFAR-100 tables of RepDistiller's 
   python -m experiments.main --workdir=/tmp/r32x4_r8x4 \\
       --config=experiments/configs/cifar100.py:resnet32x4-resnet8x4
 
+A second colon picks the later logit methods instead of the classic set (`:logit`): the student
+alone, KD, logit-standardised KD (Sun et al., CVPR 2024: CE 0.1 + 9 x KD on z-scored logits at
+the authors' per-pair base temperature, sunshangquan/logit-standardization-KD), DIST (Huang et
+al., NeurIPS 2022: CE 1 + 2 x DIST, T = 4, beta = gamma = 1, hunto/image_classification_sota
+`configs/strategies/distill/dist_cifar.yaml`, whose schedule is this one), KD + DOT (Zhao et
+al., ICCV 2023: the KD recipe trained with `kd_jax.train.dot`, delta 0.075, mdistiller
+`configs/cifar100/dot/`) and DKD + DOT (the DKD recipe with the same optimizer; mdistiller ships
+DOT configs for KD only):
+
+  python -m experiments.main --workdir=/tmp/r32x4_r8x4_logit \\
+      --config=experiments/configs/cifar100.py:resnet32x4-resnet8x4:logit
+
 Needs CIFAR-100 from TFDS (downloaded and prepared on first use, or `--config.data_dir`).
 """
 
@@ -37,6 +49,18 @@ PAIRS = {
     "resnet32x4-ShuffleV2": 8.0,
     "wrn_40_2-ShuffleV1": 8.0,
 }
+# (teacher, student) -> (base temperature, KD weight) of logit-standardised KD, from the log
+# names of the authors' README tables (sunshangquan/logit-standardization-KD); pairs not in
+# their KD tables use their default (2, 9).
+LS_KD = {
+    "vgg13-vgg8": (3.0, 9.0),
+    "vgg13-MobileNetV2": (3.0, 9.0),
+    "resnet110-resnet20": (4.0, 12.0),
+    "ResNet50-MobileNetV2": (3.0, 1.0),
+}
+LS_KD_DEFAULT = (2.0, 9.0)
+DOT_DELTA = 0.075  # mdistiller `CFG.SOLVER.DOT.DELTA` and its CIFAR-100 DOT configs
+VARIANTS = ("", "logit")
 # RepDistiller lowers the learning rate for these students.
 SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 TRAIN_SIZE, BATCH_SIZE = 50_000, 64
@@ -54,6 +78,10 @@ def _schedule(c: ml_collections.ConfigDict, learning_rate: float) -> None:
 
 
 def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
+  pair, _, variant = pair.partition(":")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of the CIFAR-100 config; known: "
+                     f"{', '.join(repr(v) for v in VARIANTS)}")
   if pair not in PAIRS:
     raise ValueError(f"unknown pair {pair!r}; known pairs: {', '.join(PAIRS)}")
   teacher, student = pair.split("-")
@@ -109,6 +137,30 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
               "warmup_steps": 20 * STEPS_PER_EPOCH},
       "rkd": {"feature": "embedding", "distance_weight": 25.0, "angle_weight": 50.0},
   })
+  if variant == "logit":
+    ls_temperature, ls_weight = LS_KD.get(pair, LS_KD_DEFAULT)
+    c.methods = ml_collections.ConfigDict({
+        "student": "ce:1",
+        "kd": "ce:0.1,kd:0.9",
+        "ls_kd": f"ce:0.1,ls_kd:{ls_weight:g}",
+        "dist": "ce:1,dist:2",
+        "kd_dot": "ce:0.1,kd:0.9",
+        "dkd": "ce:1,dkd:1",
+        "dkd_dot": "ce:1,dkd:1",
+    })
+    c.method_order = ("student", "kd", "ls_kd", "dist", "kd_dot", "dkd", "dkd_dot")
+    c.loss_options = ml_collections.ConfigDict({
+        "kd": {"temperature": 4.0},
+        "ls_kd": {"temperature": ls_temperature},
+        "dist": {"beta": 1.0, "gamma": 1.0, "temperature": 4.0},
+        "dkd": {"alpha": 1.0, "beta": PAIRS[pair], "temperature": 4.0,
+                "warmup_steps": 20 * STEPS_PER_EPOCH},
+    })
+    # DOT: the same SGD schedule, task momentum 0.9 - delta, distillation momentum 0.9 + delta.
+    c.method_optimizer = ml_collections.ConfigDict({
+        "kd_dot": {"optimizer": "dot", "delta": DOT_DELTA},
+        "dkd_dot": {"optimizer": "dot", "delta": DOT_DELTA},
+    })
   c.ptloss = ml_collections.ConfigDict()
   c.ptloss.select = False
   c.ptloss.epsilon = (0.0,)

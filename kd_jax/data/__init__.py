@@ -1,14 +1,17 @@
-"""Data: the offline digits dataset, TFDS sources, Grain pipelines, augmentation, teacher caches."""
+"""Data: the offline digits dataset, TFDS sources, Grain pipelines, augmentation (and in-step
+mixup / CutMix, `mixing`), teacher caches."""
 
 from kd_jax.data import augment
 from kd_jax.data import class_splits
 from kd_jax.data import cub
+from kd_jax.data import mixing
 from kd_jax.data import teacher_cache
 from kd_jax.data.augment import cifar_eval_transform
 from kd_jax.data.augment import cifar_train_augment
 from kd_jax.data.augment import compose
 from kd_jax.data.digits import DatasetSplits
 from kd_jax.data.digits import load_digits
+from kd_jax.data.mixing import Mixing
 from kd_jax.data.mnist1d import load_mnist1d
 from kd_jax.data.mnist1d import mnist1d_transfer_set
 from kd_jax.data.pipeline import ArraySource

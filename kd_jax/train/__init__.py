@@ -11,6 +11,7 @@ Loss terms are `LossTerm` objects (`kd_jax.train.terms`); the built-in ones regi
 package is imported. The config-driven experiment drivers live in `experiments/`.
 """
 
+from kd_jax.train.dot_optim import dot
 from kd_jax.train.evaluate import evaluate
 from kd_jax.train.evaluate import make_eval_step
 from kd_jax.train.loop import StopTraining
@@ -35,4 +36,5 @@ __all__ = [
     "LossTerm", "Outputs", "StopTraining", "Term", "TermContext", "TrainState", "evaluate", "fit",
     "known_terms", "make_eval_step", "make_multi_student_step", "make_train_step", "parse_terms",
     "register_term", "sgd", "stack_states", "step_decay_schedule", "stop_after", "unstack_state",
+    "dot",
 ]

@@ -30,11 +30,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kd_jax.data import mixing as mixing_lib
+from kd_jax.data.mixing import Mixing
 from kd_jax.parallel import BATCH_AXIS
+from kd_jax.teachers import Ensemble
+from kd_jax.train import dot_optim as dot_lib
 from kd_jax.train.state import TrainState, split_trainable
 from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, owns_variables
 from kd_jax.train.terms import parse_terms
 from kd_jax.train.terms import run_terms
+from kd_jax.train.terms import ensemble as ensemble_terms
 
 
 def apply_model(graphdef: nnx.GraphDef, params, model_state, x, *, train: bool,
@@ -74,7 +79,18 @@ def _is_key(x) -> bool:
 
 def teacher_outputs(teacher_graphdef: nnx.GraphDef, teacher_variables: Mapping[str, Any],
                     x) -> Outputs:
-  """The frozen teacher's outputs: inference mode (BN running statistics), no gradient."""
+  """The frozen teacher's outputs: inference mode (BN running statistics), no gradient. For a
+  `kd_jax.teachers.Ensemble` (and a tuple of the members' variables), every member's outputs
+  combined as `kd_jax.train.terms.ensemble.combine_outputs`."""
+  if isinstance(teacher_graphdef, Ensemble):
+    if len(teacher_variables) != len(teacher_graphdef.graphdefs):
+      raise ValueError(f"the teacher ensemble has {len(teacher_graphdef.graphdefs)} members but "
+                       f"{len(teacher_variables)} sets of teacher variables were given.")
+    members = [teacher_outputs(g, v, x)
+               for g, v in zip(teacher_graphdef.graphdefs, teacher_variables)]
+    return ensemble_terms.combine_outputs(members, weights=teacher_graphdef.weights,
+                                          combine=teacher_graphdef.combine,
+                                          temperature=teacher_graphdef.temperature)
   variables = jax.lax.stop_gradient(dict(teacher_variables))
   out, _ = apply_model(teacher_graphdef, variables["params"], variables["batch_stats"], x,
                        train=False)
@@ -106,7 +122,9 @@ def make_train_step(loss, *,
                     axis_name: str | None = BATCH_AXIS,
                     input_key: str = "image",
                     cached_teacher: str | None = None,
-                    sync_batch_norm: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+                    sync_batch_norm: bool = False,
+                    teacher_input_key: str | None = None,
+                    mixing: Mixing | None = None) -> Callable[..., tuple[TrainState, dict]]:
   """Builds the per-device step for the weighted sum of loss terms `loss`.
 
   total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
@@ -117,10 +135,12 @@ def make_train_step(loss, *,
       `fn(ctx: TermContext) -> scalar` (see `terms.parse_terms`).
     teacher_graphdef: the teacher's graph definition (its variables are a step argument, so large
       teachers are not baked into the program as constants); None for training without a teacher
-      (only terms such as "ce" are then allowed).
+      (only terms such as "ce" are then allowed); or a `kd_jax.teachers.Ensemble` (then
+      `teacher_variables` is the tuple of the members' variables, `FrozenEnsemble.variables`).
     loss_options: per-term options, e.g. {"kd": {"temperature": 4.0}}.
     axis_name: the data-parallel axis to `pmean` over; None for a plain single-device step.
-    input_key: the batch entry fed to both models.
+    input_key: the batch entry fed to the student (and to the teacher, unless
+      `teacher_input_key`).
     cached_teacher: read the teacher's outputs from the batch instead of running a teacher: the
       prefix of the batch keys that hold them, e.g. "teacher_" for the columns that
       `kd_jax.data.teacher_cache.attach` adds ("teacher_logits" and one "teacher_<feature>"
@@ -130,6 +150,11 @@ def make_train_step(loss, *,
     sync_batch_norm: the student's batch norms take their statistics over the global batch
       (reduced over `axis_name`) instead of each device's shard (the default, RepDistiller's
       per-GPU statistics); a no-op without `axis_name`.
+    teacher_input_key: the batch entry fed to the teacher when it differs from the student's
+      (e.g. a higher-resolution view of the same examples); None: `input_key`.
+    mixing: a `kd_jax.data.mixing.Mixing` (mixup or CutMix): the step mixes the student's and
+      the teacher's inputs with the same draw, keyed by `(mixing.seed, state.step)`, before
+      either model runs (function matching; the "ce" term then mixes the labels).
 
   Returns:
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
@@ -140,10 +165,16 @@ def make_train_step(loss, *,
     once before training when `step.owns_variables`: fitnet, cc, crd); `step.batch_keys` names
     the batch entries the terms read besides the input and labels.
 
+    When the state's optimizer is `kd_jax.train.dot(...)` (DOT), the step differentiates the task
+    loss (the terms that read no teacher, "ce") and the distillation loss (the others)
+    separately, from one forward pass, and passes `{"task": g, "kd": g}` to it.
+
   Raises:
     ValueError: an unknown term, or a term that needs a teacher when none is given.
   """
   terms = parse_terms(loss, loss_options)
+  if isinstance(teacher_graphdef, Ensemble) and teacher_graphdef.combine == "per_teacher":
+    terms = ensemble_terms.per_teacher_terms(terms, teacher_graphdef.weights)
   if cached_teacher is not None and teacher_graphdef is not None:
     raise ValueError("pass either teacher_graphdef (run the teacher in the step) or "
                      "cached_teacher (read its outputs from the batch), not both.")
@@ -155,7 +186,8 @@ def make_train_step(loss, *,
     if teacher_graphdef is not None:
       if teacher_variables is None:
         raise ValueError("this step was built with a teacher: pass teacher_variables.")
-      return teacher_outputs(teacher_graphdef, teacher_variables, batch[input_key])
+      return teacher_outputs(teacher_graphdef, teacher_variables,
+                             batch[teacher_input_key or input_key])
     if cached_teacher is not None:
       if teacher_variables is not None:
         raise ValueError("this step reads the teacher from the batch (cached_teacher); "
@@ -163,7 +195,16 @@ def make_train_step(loss, *,
       return cached_teacher_outputs(batch, cached_teacher)
     return None
 
+  def prepare(batch: Mapping[str, jax.Array], step_count) -> Mapping[str, jax.Array]:
+    """The batch both models read at `step_count`: mixed when `mixing` is set."""
+    if mixing is None:
+      return batch
+    keys = [input_key] + ([teacher_input_key] if teacher_input_key and cached_teacher is None
+                          else [])
+    return mixing_lib.mix_batch(batch, mixing, step=step_count, keys=keys)
+
   def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):
+    batch = prepare(batch, state.step)
     # The one place where the teacher is frozen: no loss stops gradients itself.
     teacher = jax.lax.stop_gradient(teacher_of(batch, teacher_variables))
     return update(state, batch, teacher)
@@ -172,6 +213,7 @@ def make_train_step(loss, *,
     """The student's update given the (frozen) teacher outputs of this batch."""
     x = batch[input_key]
     rng, step_rng = jax.random.split(state.rng)
+    dot = dot_lib.is_dot(state.tx)
 
     def loss_fn(trainable):
       params, term_params = split_trainable(trainable, state.term_params)
@@ -182,11 +224,17 @@ def make_train_step(loss, *,
                         axis_name=axis_name, step=state.step, rng=step_rng)
       values, new_term_state = run_terms(terms, ctx, term_params, state.term_state)
       weights = {t.name: t.weight_at(state.step) for t in terms}
-      total = sum(weights[t.name] * values[t.name] for t in terms)
+      if dot:  # DOT: the task and the distillation loss, differentiated separately
+        total = dot_lib.group_totals(terms, values, weights)
+      else:
+        total = sum(weights[t.name] * values[t.name] for t in terms)
       return total, (values, weights, new_model_state, student.logits, new_term_state)
 
-    grads, (values, weights, new_model_state, logits, new_term_state) = jax.grad(
-        loss_fn, has_aux=True)(state.trainable())
+    if dot:  # {"task": g, "kd": g} from one forward (`kd_jax.train.dot_optim`)
+      grads, aux = dot_lib.two_gradients(loss_fn, state.trainable())
+    else:
+      grads, aux = jax.grad(loss_fn, has_aux=True)(state.trainable())
+    values, weights, new_model_state, logits, new_term_state = aux
     total = sum(weights[k] * values[k] for k in values)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     where = batch.get("mask")
@@ -233,6 +281,7 @@ def make_train_step(loss, *,
   step.batch_keys = frozenset(k for t in terms for k in t.term.batch_keys)
   step.update = update
   step.teacher_of = teacher_of
+  step.prepare = prepare
   return step
 
 
@@ -264,7 +313,9 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             loss_options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
                             = None, axis_name: str | None = BATCH_AXIS, input_key: str = "image",
                             cached_teacher: str | None = None,
-                            sync_batch_norm: bool = False) -> Callable[..., tuple[dict, dict]]:
+                            sync_batch_norm: bool = False,
+                            teacher_input_key: str | None = None,
+                            mixing: Mixing | None = None) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
   A KD table is many students (methods x seeds) distilled from one teacher on the same data.
@@ -275,8 +326,9 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
 
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
-    teacher_graphdef, axis_name, input_key, cached_teacher, sync_batch_norm: as
-      `make_train_step`.
+    teacher_graphdef, axis_name, input_key, cached_teacher, sync_batch_norm, teacher_input_key,
+      mixing: as `make_train_step` (every student sees the same mixed batch, keyed by the step
+      count).
     loss_options: {method name: per-term options} (optional).
 
   Returns:
@@ -291,7 +343,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
   steps = {name: make_train_step(spec, teacher_graphdef=teacher_graphdef,
                                  loss_options=loss_options.get(name), axis_name=axis_name,
                                  input_key=input_key, cached_teacher=cached_teacher,
-                                 sync_batch_norm=sync_batch_norm)
+                                 sync_batch_norm=sync_batch_norm,
+                                 teacher_input_key=teacher_input_key, mixing=mixing)
            for name, spec in methods.items()}
   if not steps:
     raise ValueError("make_multi_student_step needs at least one method.")
@@ -300,6 +353,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
   def step(states: Mapping[str, TrainState], batch, teacher_variables=None):
     if set(states) != set(steps):
       raise ValueError(f"states hold methods {sorted(states)}, the step {sorted(steps)}.")
+    if mixing is not None:  # one draw for all students: the step count of the first one
+      batch = any_step.prepare(batch, states[next(iter(steps))].step[0])
     teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
     new_states, metrics = {}, {}
     for name, sub in steps.items():

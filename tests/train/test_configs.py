@@ -3,6 +3,7 @@
 import importlib
 import os
 
+import ml_collections
 import pytest
 
 from experiments.configs import cifar100
@@ -30,6 +31,7 @@ def _all_configs():
     if f == "cifar100":
       for pair in cifar100.PAIRS:
         yield f"cifar100:{pair}", cifar100.get_config(pair)
+      yield "cifar100:vgg13-vgg8:logit", cifar100.get_config("vgg13-vgg8:logit")
       continue
     c = importlib.import_module(f"experiments.configs.{f}").get_config()
     if _is_main_job_config(c):
@@ -81,3 +83,27 @@ def test_cifar100_configs_follow_the_repdistiller_recipe(pair):
 def test_unknown_pair():
   with pytest.raises(ValueError, match="unknown pair 'resnet1-resnet2'"):
     cifar100.get_config("resnet1-resnet2")
+
+
+def test_cifar100_logit_variant_follows_the_published_recipes():
+  from kd_jax.train.dot_optim import is_dot  # pylint: disable=g-import-not-at-top
+  c = cifar100.get_config("resnet32x4-ShuffleV2:logit")
+  opts = dict(c.loss_options)
+  names = lambda m: {t.name for t in terms.parse_terms(c.methods[m])}
+  parse = lambda m: {t.name: t for t in terms.parse_terms(c.methods[m], {
+      k: v for k, v in opts.items() if k in names(m)})}
+  ls = parse("ls_kd")
+  assert ls["ce"].weight == 0.1 and ls["ls_kd"].weight == 9.0
+  assert dict(ls["ls_kd"].options)["temperature"] == 2.0
+  dist = parse("dist")
+  assert dist["ce"].weight == 1 and dist["dist"].weight == 2.0
+  assert dict(dist["dist"].options) == {"beta": 1.0, "gamma": 1.0, "temperature": 4.0}
+  assert c.methods.kd_dot == c.methods.kd and c.methods.dkd_dot == c.methods.dkd
+  for m in ("kd_dot", "dkd_dot"):
+    cfg = ml_collections.ConfigDict({**c.student.to_dict(), **dict(c.method_optimizer[m])})
+    assert cfg.learning_rate == 0.01 and cfg.momentum == 0.9 and cfg.delta == 0.075
+    assert is_dot(experiment._optimizer(cfg, 781))
+  assert not is_dot(experiment._optimizer(c.student, 781))
+  assert dict(cifar100.get_config("vgg13-vgg8:logit").loss_options.ls_kd) == {"temperature": 3.0}
+  with pytest.raises(ValueError, match="unknown variant"):
+    cifar100.get_config("vgg13-vgg8:new")

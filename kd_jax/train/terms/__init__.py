@@ -18,6 +18,7 @@ a stateless term, and `make_train_step` also takes a callable `fn(ctx) -> scalar
       return scale * jnp.mean(jnp.square(ctx.student.logits - ctx.teacher.logits))
 
 Built-in terms (registered when `kd_jax.train` is imported): ce, kd, dkd, ptloss (`logit`);
+ls_kd, dist (`modern`);
 sp, rkd, pkt, at, nst (`relational`); fitnet (`fitnet`, with RepDistiller's `ConvReg`);
 cc (`cc`, with RepDistiller's `LinearEmbed` heads); crd (`crd`); refilled_relationship and
 refilled_classifier (`refilled`); token_ce, forward_kl, reverse_kl, jsd, tv over
@@ -52,6 +53,7 @@ from kd_jax.train.terms import cc  # noqa: F401
 from kd_jax.train.terms import crd  # noqa: F401
 from kd_jax.train.terms import fitnet  # noqa: F401
 from kd_jax.train.terms import logit  # noqa: F401
+from kd_jax.train.terms import modern  # noqa: F401
 from kd_jax.train.terms import refilled  # noqa: F401
 from kd_jax.train.terms import relational  # noqa: F401
 from kd_jax.train.terms import token  # noqa: F401

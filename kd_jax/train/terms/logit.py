@@ -25,7 +25,9 @@ def _positive(term: str, name: str, value) -> None:
 class CrossEntropy(LossTerm):
   """Cross-entropy with the labels (optionally label-smoothed, `optax.smooth_labels`), mean over
   the valid rows that carry a label: a batch entry "labeled" (bool [b]) marks the rows of a
-  transfer set, which only the distillation terms use."""
+  transfer set, which only the distillation terms use. On a mixed batch (`make_train_step(...,
+  mixing=...)`: "mix_label", "mix_lambda") the labels are mixed as the inputs:
+  `lam CE(y) + (1 - lam) CE(y_partner)`, over the rows whose two sources both carry a label."""
 
   label_smoothing: float = 0.0
   needs_teacher = False
@@ -35,7 +37,18 @@ class CrossEntropy(LossTerm):
     onehot = jax.nn.one_hot(ctx.labels, logits.shape[-1])
     if self.label_smoothing:
       onehot = optax.smooth_labels(onehot, self.label_smoothing)
-    return masked_mean(optax.softmax_cross_entropy(logits, onehot), ctx.labeled_where)
+    where = ctx.labeled_where
+    loss = optax.softmax_cross_entropy(logits, onehot)
+    if "mix_lambda" in ctx.batch:  # mixup / CutMix inside the step (kd_jax.data.mixing)
+      partner = jax.nn.one_hot(ctx.batch["mix_label"], logits.shape[-1])
+      if self.label_smoothing:
+        partner = optax.smooth_labels(partner, self.label_smoothing)
+      lam = jnp.asarray(ctx.batch["mix_lambda"], jnp.float32)
+      loss = lam * loss + (1.0 - lam) * optax.softmax_cross_entropy(logits, partner)
+      if "mix_labeled" in ctx.batch:
+        mixed = jnp.asarray(ctx.batch["mix_labeled"], bool) | (lam >= 1.0)
+        where = mixed if where is None else where & mixed
+    return masked_mean(loss, where)
 
 
 @register_term("kd")
