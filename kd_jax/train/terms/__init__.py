@@ -20,7 +20,7 @@ a stateless term, and `make_train_step` also takes a callable `fn(ctx) -> scalar
 Built-in terms (registered when `kd_jax.train` is imported): ce, kd, dkd, ptloss (`logit`);
 sp, rkd, pkt, at, nst (`relational`); fitnet (`fitnet`, with RepDistiller's `ConvReg`);
 cc (`cc`, with RepDistiller's `LinearEmbed` heads); crd (`crd`); refilled_relationship and
-refilled_classifier (`refilled`).
+refilled_classifier (`refilled`); kd_topk (`topk`, KD from the teacher's top-k, cached or not).
 
 The teacher's outputs reach every term already under `stop_gradient` (the step applies it once;
 the losses themselves never stop gradients). Per-example losses are averaged over the valid rows
@@ -53,6 +53,7 @@ from kd_jax.train.terms import fitnet  # noqa: F401
 from kd_jax.train.terms import logit  # noqa: F401
 from kd_jax.train.terms import refilled  # noqa: F401
 from kd_jax.train.terms import relational  # noqa: F401
+from kd_jax.train.terms import topk  # noqa: F401
 
 __all__ = [
     "FunctionTerm", "LossTerm", "Outputs", "Term", "TermContext", "build_term", "evaluate_terms",

@@ -25,7 +25,8 @@ def _positive(term: str, name: str, value) -> None:
 class CrossEntropy(LossTerm):
   """Cross-entropy with the labels (optionally label-smoothed, `optax.smooth_labels`), mean over
   the valid rows that carry a label: a batch entry "labeled" (bool [b]) marks the rows of a
-  transfer set, which only the distillation terms use."""
+  transfer set, which only the distillation terms use. Mixed examples (`kd_jax.data.augment.mix`:
+  batch entries "mix_label" and "mix_lam") use `lam * CE(label) + (1 - lam) * CE(mix_label)`."""
 
   label_smoothing: float = 0.0
   needs_teacher = False
@@ -33,6 +34,10 @@ class CrossEntropy(LossTerm):
   def __call__(self, ctx):
     logits = jnp.asarray(ctx.student.logits, jnp.float32)
     onehot = jax.nn.one_hot(ctx.labels, logits.shape[-1])
+    if "mix_label" in ctx.batch:
+      lam = jnp.asarray(ctx.batch["mix_lam"], jnp.float32)[:, None]
+      onehot = lam * onehot + (1.0 - lam) * jax.nn.one_hot(ctx.batch["mix_label"],
+                                                           logits.shape[-1])
     if self.label_smoothing:
       onehot = optax.smooth_labels(onehot, self.label_smoothing)
     where = ctx.where
