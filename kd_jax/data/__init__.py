@@ -6,6 +6,7 @@ from kd_jax.data import class_splits
 from kd_jax.data import cub
 from kd_jax.data import mixing
 from kd_jax.data import teacher_cache
+from kd_jax.data import topk_cache
 from kd_jax.data.augment import cifar_eval_transform
 from kd_jax.data.augment import cifar_train_augment
 from kd_jax.data.augment import compose
@@ -18,6 +19,7 @@ from kd_jax.data.pipeline import ArraySource
 from kd_jax.data.pipeline import batches
 from kd_jax.data.pipeline import eval_batches
 from kd_jax.data.pipeline import example_rng
+from kd_jax.data.pipeline import example_view
 from kd_jax.data.pipeline import steps_per_epoch
 from kd_jax.data.sources import CIFAR_NUM_CLASSES
 from kd_jax.data.sources import DatasetUnavailableError

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from kd_jax.data import pipeline
+
 ImageFn = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
 
 # RepDistiller `dataset/cifar100.py` (also mdistiller): per-channel statistics of CIFAR-100 train.
@@ -172,3 +174,87 @@ def cifar_eval_transform(name: str = "cifar100"):
   """The deterministic CIFAR evaluation transform: to [0, 1], normalise."""
   mean, std = _stats(name)
   return compose(to_float, lambda x, rng: normalize(x, mean=mean, std=std))
+
+
+MIX_LABEL = "mix_label"
+MIX_WEIGHT = "mix_lambda"
+
+
+def mix(base, source, *, mode: str = "mixup", alpha: float = 1.0, prob: float = 1.0,
+        key: str = "image", label_key: str = "label"):
+  r"""Mixup or CutMix as a per-example augmentation, drawn from the example's own generator.
+
+  Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018):
+  :math:`x = \lambda x_i + (1 - \lambda) x_j`; CutMix (Yun et al., ICCV 2019): the box of
+  relative area :math:`1 - \lambda` centred uniformly in the image is pasted from :math:`x_j`
+  (clipped at the border), and :math:`\lambda` becomes the area actually kept. In both,
+  :math:`\lambda \sim Beta(\alpha, \alpha)` and the partner j is uniform over the dataset.
+
+  Unlike the usual batch-level mixing (which pairs rows of a batch, so the view depends on the
+  batch), everything here is drawn from the example's generator in a fixed order: whether to mix
+  (probability `prob`), j, lambda, the box, then the partner's own `base` augmentation. With
+  `kd_jax.data.batches` that generator is `example_rng(seed, epoch, position)`, so the mixed view
+  stays a pure function of (seed, epoch, example index), and a teacher cache keyed by (epoch,
+  index) stays valid (`kd_jax.data.topk_cache`).
+
+  The example gets `"mix_label"` (the partner's label) and `"mix_lambda"` (float32, the weight of its
+  own label; 1 when not mixed); the `ce` loss term then uses
+  :math:`\lambda CE(y_i) + (1 - \lambda) CE(y_j)`.
+
+  Args:
+    base: the per-example augmentation `base(example, rng) -> example` applied to both images
+      before mixing (e.g. `cifar_train_augment()`), or None.
+    source: the dataset (dict of arrays or random-access source) the partners are read from.
+    mode: "mixup" or "cutmix".
+    alpha: Beta parameter (> 0); 1 gives a uniform lambda (CutMix's default), 0.2-0.4 is common
+      for mixup.
+    prob: probability that an example is mixed at all.
+    key: the image entry.
+    label_key: the label entry.
+  """
+  if mode not in ("mixup", "cutmix"):
+    raise ValueError(f"mode must be 'mixup' or 'cutmix', got {mode!r}.")
+  if not alpha > 0:
+    raise ValueError(f"alpha must be > 0, got alpha={alpha}.")
+  if not 0 <= prob <= 1:
+    raise ValueError(f"prob must lie in [0, 1], got prob={prob}.")
+  source = pipeline.as_source(source)
+  n = len(source)
+  identity = base if base is not None else (lambda ex, rng: dict(ex))
+
+  def augment(example, rng=None):
+    _need_rng(rng, f"mix(mode={mode!r})")
+    out = dict(identity(example, rng))
+    label = np.asarray(out[label_key])
+    image = np.asarray(out[key])
+    if rng.random() >= prob:
+      out[MIX_LABEL] = label
+      out[MIX_WEIGHT] = np.float32(1.0)
+      return out
+    j = int(rng.integers(n))
+    lam = float(rng.beta(alpha, alpha))
+    if mode == "cutmix":
+      _check_hwc(image, "mix(mode='cutmix')")
+      h, w = image.shape[:2]
+      ratio = np.sqrt(1.0 - lam)
+      cut_h, cut_w = int(h * ratio), int(w * ratio)
+      cy, cx = int(rng.integers(h)), int(rng.integers(w))
+      y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, h)
+      x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, w)
+    partner = identity(dict(source[j]), rng)
+    other = np.asarray(partner[key])
+    if other.shape != image.shape:
+      raise ValueError(f"mix: example {j}'s {key!r} has shape {other.shape}, the mixed example "
+                       f"{image.shape}; mixing needs equal shapes (augment to a fixed size first).")
+    if mode == "mixup":
+      mixed = (np.float32(lam) * to_float(image) + np.float32(1.0 - lam) * to_float(other))
+    else:
+      mixed = image.copy()
+      mixed[y0:y1, x0:x1] = other[y0:y1, x0:x1]
+      lam = 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
+    out[key] = np.ascontiguousarray(mixed)
+    out[MIX_LABEL] = np.asarray(partner[label_key]).astype(label.dtype)
+    out[MIX_WEIGHT] = np.float32(lam)
+    return out
+
+  return augment

@@ -131,6 +131,45 @@ def _epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.
   return np.random.default_rng((seed, epoch)).permutation(num_examples)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_positions(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+  order = _epoch_order(num_examples, seed, epoch, shuffle)
+  positions = np.empty(num_examples, np.int64)
+  positions[order] = np.arange(num_examples)
+  return positions
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+  """The example indices of `epoch` in visiting order: position p holds example `order[p]`."""
+  return _epoch_order(num_examples, seed, epoch, shuffle).copy()
+
+
+def epoch_positions(num_examples: int, seed: int, epoch: int, shuffle: bool = True
+                    ) -> np.ndarray:
+  """The inverse of `epoch_order`: `positions[i]` is where example i is visited in `epoch`."""
+  return _epoch_positions(num_examples, seed, epoch, shuffle).copy()
+
+
+def example_view(arrays, index: int, *, epoch: int, seed: int, augment: Augment | None,
+                 shuffle: bool = True) -> Example:
+  """Example `index` as `batches` yields it in `epoch`: `augment(example, example_rng(seed,
+  epoch, p))` with p its position in the epoch's permutation (no augmentation: the example).
+
+  So every augmented view is a pure function of (seed, epoch, example index), whatever the batch
+  size, the number of hosts or the step the iterator was started at; a teacher-output cache keyed
+  by (epoch, index) (`kd_jax.data.topk_cache`) relies on it.
+  """
+  source = as_source(arrays)
+  n = len(source)
+  if not 0 <= int(index) < n:
+    raise IndexError(f"example index {index} is outside [0, {n}).")
+  example = dict(source[int(index)])
+  if augment is None:
+    return example
+  position = int(_epoch_positions(n, seed, epoch, shuffle)[int(index)])
+  return augment(example, example_rng(seed, epoch, position))
+
+
 def example_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
   """The generator of the example at `position` (0-based, within the epoch) of `epoch`.
 
@@ -152,7 +191,9 @@ def batches(arrays, *, batch_size: int, seed: int, shuffle: bool = True,
             drop_remainder: bool = True, augment: Augment | None = None,
             num_epochs: int | None = None, start_step: int = 0, prefetch: int = 2,
             num_threads: int | None = None, num_shards: int = 1,
-            shard_index: int = 0) -> Iterator[Batch]:
+            shard_index: int = 0,
+            extras: Callable[[int, np.ndarray], Mapping[str, Any]] | None = None
+            ) -> Iterator[Batch]:
   """Iterates over shuffled (optionally augmented) batches, reproducibly and resumably.
 
   Step s is epoch e = s // K (K = `steps_per_epoch(N, batch_size, drop_remainder)`), rows
@@ -179,6 +220,10 @@ def batches(arrays, *, batch_size: int, seed: int, shuffle: bool = True,
     num_threads: threads computing batches; default min(prefetch, 2).
     num_shards: split every global batch into this many contiguous row blocks (hosts).
     shard_index: the block this process yields (its `jax.process_index()` for multi-host).
+    extras: optional `extras(epoch, indices) -> {key: array [len(indices), ...]}` called for
+      every (host block of a) batch with the epoch and the dataset indices of its rows; its
+      arrays join the batch, row for row (e.g. `kd_jax.data.topk_cache.TopKCache.lookup`, the
+      teacher's cached outputs on exactly these views).
 
   Returns:
     An iterator of dicts of numpy arrays with the source's keys, each of leading size
@@ -202,10 +247,16 @@ def batches(arrays, *, batch_size: int, seed: int, shuffle: bool = True,
     positions = np.arange(begin, max(begin, end))
     indices = _epoch_order(n, seed, epoch, shuffle)[positions]
     if augment is None:
-      return _gather(source, indices)
-    examples = [augment(ex, example_rng(seed, epoch, int(p)))
-                for ex, p in zip(_read(source, indices), positions)]
-    return _stack(examples)
+      batch = _gather(source, indices)
+    else:
+      batch = _stack([augment(ex, example_rng(seed, epoch, int(p)))
+                      for ex, p in zip(_read(source, indices), positions)])
+    if extras is not None:
+      for key, value in extras(epoch, indices).items():
+        if key in batch:
+          raise ValueError(f"extras returned the key {key!r}, which the batch already has.")
+        batch[key] = value
+    return batch
 
   ds = grain.MapDataset.range(min(start_step, total), total).map(make_batch)
   return iter(ds.to_iter_dataset(_read_options(prefetch, num_threads)))

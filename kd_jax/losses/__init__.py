@@ -33,3 +33,4 @@ from kd_jax.losses._ptloss import *  # noqa: F401,F403
 from kd_jax.losses._refilled import *  # noqa: F401,F403
 from kd_jax.losses._relational import *  # noqa: F401,F403
 from kd_jax.losses._token import *  # noqa: F401,F403
+from kd_jax.losses._topk import *  # noqa: F401,F403

@@ -315,7 +315,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             cached_teacher: str | None = None,
                             sync_batch_norm: bool = False,
                             teacher_input_key: str | None = None,
-                            mixing: Mixing | None = None) -> Callable[..., tuple[dict, dict]]:
+                            mixing: Mixing | None = None, student_map: str = "vmap"
+                            ) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
   A KD table is many students (methods x seeds) distilled from one teacher on the same data.
@@ -330,6 +331,11 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
       mixing: as `make_train_step` (every student sees the same mixed batch, keyed by the step
       count).
     loss_options: {method name: per-term options} (optional).
+    student_map: how a method's stacked students are run: "vmap" (one vectorised program) or
+      "unroll" (each student traced in turn, the same program as a single run, repeated). On
+      XLA:CPU a vmapped convolution with per-student kernels becomes a grouped convolution,
+      2-3x slower than the separate ones (benchmarks/README.md, `study.py`), so use "unroll" for
+      convolutional students on CPU; compilation then grows with the number of students.
 
   Returns:
     `step(states, batch, teacher_variables=None) -> (states, metrics)` with `states` a dict
@@ -337,6 +343,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     `step.steps` holds each method's `make_train_step` (its `.terms` and `.init`).
   """
   loss_options = dict(loss_options or {})
+  if student_map not in ("vmap", "unroll"):
+    raise ValueError(f"student_map must be 'vmap' or 'unroll', got {student_map!r}.")
   unknown = sorted(set(loss_options) - set(methods))
   if unknown:
     raise ValueError(f"loss_options for unknown method(s) {unknown}; methods: {sorted(methods)}.")
@@ -358,8 +366,14 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
     new_states, metrics = {}, {}
     for name, sub in steps.items():
-      new_states[name], m = jax.vmap(sub.update, in_axes=(0, None, None))(
-          states[name], batch, teacher)
+      if student_map == "vmap":
+        new_states[name], m = jax.vmap(sub.update, in_axes=(0, None, None))(
+            states[name], batch, teacher)
+      else:
+        count = jax.tree.leaves(states[name])[0].shape[0]
+        outs = [sub.update(jax.tree.map(lambda x, i=i: x[i], states[name]), batch, teacher)
+                for i in range(count)]
+        new_states[name], m = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
       metrics.update({f"{name}/{k}": v for k, v in m.items()})
     return new_states, metrics
 

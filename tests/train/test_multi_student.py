@@ -4,6 +4,7 @@ student trained alone (same seed, batches and spec), on one device and under sha
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from kd_jax import parallel
@@ -82,3 +83,24 @@ def test_multi_student_step_under_shard_map_equals_one_device():
   _close(jax.device_get(b_states), a, 5e-5)
   for k in ("kd/loss", "sp/loss", "crd/loss/crd"):
     np.testing.assert_allclose(mb[k], ma[k], rtol=5e-5)
+
+
+def test_unrolled_students_equal_vmapped_students():
+  # student_map="unroll" (each student traced in turn, for convolutional students on CPU)
+  # computes the same update as the vmapped step.
+  methods = {"kd": METHODS["kd"]}
+  t_graph, t_vars, batches = _setup()
+  init = {m: stack_states([_initial(m, s, t_graph, t_vars, batches[0]) for s in SEEDS])
+          for m in methods}
+  vm = jax.jit(make_multi_student_step(methods, teacher_graphdef=t_graph, axis_name=None))
+  un = jax.jit(make_multi_student_step(methods, teacher_graphdef=t_graph, axis_name=None,
+                                       student_map="unroll"))
+  a = b = init
+  for batch in batches:
+    a, ma = vm(a, batch, t_vars)
+    b, mb = un(b, batch, t_vars)
+  _close(b, a)
+  for k in ma:
+    np.testing.assert_allclose(mb[k], ma[k], rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="student_map"):
+    make_multi_student_step(methods, teacher_graphdef=t_graph, student_map="scan")

@@ -22,7 +22,7 @@ ls_kd, dist (`modern`);
 sp, rkd, pkt, at, nst (`relational`); fitnet (`fitnet`, with RepDistiller's `ConvReg`);
 cc (`cc`, with RepDistiller's `LinearEmbed` heads); crd (`crd`); refilled_relationship and
 refilled_classifier (`refilled`); token_ce, forward_kl, reverse_kl, jsd, tv over
-[b, tokens, vocab] language-model logits with a token mask (`token`).
+[b, tokens, vocab] language-model logits with a token mask (`token`); kd_topk (`topk`, KD from the teacher's top-k, cached or not).
 
 The teacher's outputs reach every term already under `stop_gradient` (the step applies it once;
 the losses themselves never stop gradients). Per-example losses are averaged over the valid rows
@@ -57,6 +57,7 @@ from kd_jax.train.terms import modern  # noqa: F401
 from kd_jax.train.terms import refilled  # noqa: F401
 from kd_jax.train.terms import relational  # noqa: F401
 from kd_jax.train.terms import token  # noqa: F401
+from kd_jax.train.terms import topk  # noqa: F401
 
 __all__ = [
     "FunctionTerm", "LossTerm", "Outputs", "Term", "TermContext", "build_term", "evaluate_terms",

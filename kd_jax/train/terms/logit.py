@@ -25,9 +25,10 @@ def _positive(term: str, name: str, value) -> None:
 class CrossEntropy(LossTerm):
   """Cross-entropy with the labels (optionally label-smoothed, `optax.smooth_labels`), mean over
   the valid rows that carry a label: a batch entry "labeled" (bool [b]) marks the rows of a
-  transfer set, which only the distillation terms use. On a mixed batch (`make_train_step(...,
-  mixing=...)`: "mix_label", "mix_lambda") the labels are mixed as the inputs:
-  `lam CE(y) + (1 - lam) CE(y_partner)`, over the rows whose two sources both carry a label."""
+  transfer set, which only the distillation terms use. On a mixed batch (in the step:
+  `make_train_step(..., mixing=...)`; on the host: `kd_jax.data.augment.mix`), batch entries
+  "mix_label" and "mix_lambda" mix the labels as the inputs: `lam CE(y) + (1 - lam)
+  CE(y_partner)`, over the rows whose two sources both carry a label."""
 
   label_smoothing: float = 0.0
   needs_teacher = False
