@@ -73,6 +73,10 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
   c.log_every = 100
   c.eval_every_epochs = 1      # val (= test) accuracy every epoch: last and best epoch both kept
   c.progress = True
+  # Distillation diagnostics (kd_jax.train.evaluate.evaluate_distillation); CKA on the maps SP
+  # compares.
+  c.diagnostics = ml_collections.ConfigDict({"student_feature": "pre_pool",
+                                             "teacher_feature": "pre_pool", "num_bins": 15})
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = teacher
