@@ -17,7 +17,10 @@ checkpoints) is shared with the other entry points. In order:
    `<workdir>/students/checkpoints`. Every student sees the same batches.
 5. Test accuracy per method and seed, the mean +- std, and each method's paired difference from
    `config.baseline` ("student") with its 95 % t-interval over seeds are printed as a table and
-   written to `<workdir>/results.json`.
+   written to `<workdir>/results.json`, with each student's distillation diagnostics against
+   the teacher (`config.diagnostics`; top-1 agreement, KL at T = 1, ECE of student and teacher,
+   linear CKA of two feature maps), which the validation evaluations during training also
+   write to the metrics.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from kd_jax.models import create_compiled as create_model
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.dot_optim import dot
-from kd_jax.train.evaluate import evaluate, make_eval_step, predict_logits
+from kd_jax.train.evaluate import evaluate, evaluate_distillation, make_distill_eval_step
+from kd_jax.train.evaluate import make_eval_step, predict_logits
 from kd_jax.train.state import TrainState, sgd, step_decay_schedule
 from kd_jax.train.step import make_multi_student_step, make_train_step, stack_states
 from kd_jax.train.step import unstack_state
@@ -251,6 +255,27 @@ class Runner:
     """Top-1 accuracy of `variables` on `split`."""
     return self.evaluate(eval_step, variables, split)["accuracy"]
 
+  def distill_step(self, graphdef, teacher):
+    """`make_distill_eval_step` of a student `graphdef` against `teacher`, from
+    `config.diagnostics` (student_feature, teacher_feature, num_bins)."""
+    d = self.config.get("diagnostics", None) or {}
+    return make_distill_eval_step(
+        graphdef, teacher.graphdef, self.mesh,
+        student_feature=d.get("student_feature", "pre_pool") or None,
+        teacher_feature=d.get("teacher_feature", "pre_pool") or None,
+        num_bins=int(d.get("num_bins", 15)))
+
+  def diagnose(self, step, variables, teacher, split: str) -> dict[str, float]:
+    """`kd_jax.train.evaluate_distillation` of the student `variables` against `teacher`."""
+    variables, t_vars = dict(variables), dict(teacher.variables)
+    if self.mesh is not None:
+      variables = parallel.replicate(variables, self.mesh)
+      cached = getattr(self, "_replicated_teacher", None)
+      if cached is None or cached[0] is not teacher:
+        self._replicated_teacher = (teacher, parallel.replicate(t_vars, self.mesh))
+      t_vars = self._replicated_teacher[1]
+    return evaluate_distillation(step, variables, t_vars, self.data.eval(split), mesh=self.mesh)
+
   def eval_fn(self, graphdef, split):
     """`fn(state or variables) -> {"split": split, metric: value}` (the loop's `eval_fn`)."""
     step = make_eval_step(graphdef, self.mesh)
@@ -412,8 +437,33 @@ def _table(results: Mapping[str, Any]) -> str:
     ci = ("" if d["ci95"] is None else
           f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]")
     extra.append(f"{name} (paired over seeds, 95% CI): {100 * d['mean']:+.2f}{ci}")
-  return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] +
-                   [line(r) for r in rows[1:]] + extra)
+  table = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+  return "\n".join(table + extra + _diagnostics_table(results))
+
+
+def _diagnostics_table(results: Mapping[str, Any]) -> list[str]:
+  """Mean over seeds of every method's test diagnostics against the teacher."""
+  if not any("diagnostics" in r for r in results["methods"].values()):
+    return []
+  head = ("method", "agreement %", "KL (T=1)", "ECE", "CKA")
+  rows = [head]
+  for name, r in results["methods"].items():
+    d = r.get("diagnostics", {})
+    cell = lambda k, f: f.format(np.mean(d[k])) if k in d else "-"  # noqa: E731
+    rows.append((name, cell("agreement", "{:.2%}").rstrip("%"), cell("kl", "{:.4f}"),
+                 cell("ece", "{:.4f}"), cell("cka", "{:.4f}")))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+  teacher_ece = results["teacher"].get("ece")
+  title = "student vs teacher on test (mean over seeds)"
+  if teacher_ece is not None:
+    title += f"; teacher ECE {teacher_ece:.4f}"
+  return ["", title, line(rows[0]), "  ".join("-" * w for w in widths)] + [
+      line(r) for r in rows[1:]]
+
+
+# The per-student diagnostics of `evaluate_distillation` reported by the main job.
+STUDENT_DIAGNOSTICS = ("agreement", "kl", "ece", "cka")
 
 
 def fit_students(runner: Runner, config, specs: Mapping[str, str],
@@ -462,15 +512,19 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
     states[m] = stack_states(per_seed)
 
   graphdef = inits[0][0]
-  val_step = make_eval_step(graphdef, runner.mesh)
+  val_step = runner.distill_step(graphdef, teacher)
 
   def eval_fn(all_states):
     out = {"split": "val"}
     for m, st in all_states.items():
-      accs = [runner.accuracy(val_step, unstack_state(st, i).variables(), "val")
-              for i in range(len(seeds))]
-      out[f"{m}/accuracy"] = float(np.mean(accs))
-      out.update({f"{m}/accuracy/{i}": a for i, a in enumerate(accs)})
+      per_seed = [runner.diagnose(val_step, unstack_state(st, i).variables(), teacher, "val")
+                  for i in range(len(seeds))]
+      for key in ("accuracy",) + STUDENT_DIAGNOSTICS:
+        if key in per_seed[0]:
+          out[f"{m}/{key}"] = float(np.mean([d[key] for d in per_seed]))
+          out.update({f"{m}/{key}/{i}": d[key] for i, d in enumerate(per_seed)})
+      out["teacher/accuracy"] = per_seed[0]["teacher_accuracy"]
+      out["teacher/ece"] = per_seed[0]["teacher_ece"]
     return out
 
   num_steps = _num_steps(scfg, spe)
@@ -565,18 +619,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if induced is not None:
     results["teacher"]["induced_classifier_val_accuracy"] = induced
   states, history = fit_students(runner, config, specs, options, teacher, seeds)
-  test_step = make_eval_step(states[next(iter(states))].graphdef, runner.mesh)
+  test_step = runner.distill_step(states[next(iter(states))].graphdef, teacher)
+  diag = dict(config.get("diagnostics", None) or {})
+  results["diagnostics"] = {"split": "test", "kl_temperature": 1.0,
+                            "num_bins": int(diag.get("num_bins", 15)),
+                            "cka_features": {"student": diag.get("student_feature", "pre_pool"),
+                                             "teacher": diag.get("teacher_feature", "pre_pool")},
+                            "cka": "minibatch linear CKA, unbiased HSIC, eval_batch_size "
+                                   f"{runner.data.eval_batch_size}"}
   for name, spec in specs.items():
     st = states[name]
-    test = [runner.accuracy(test_step, unstack_state(st, i).variables(), "test")
-            for i in range(len(seeds))]
+    per_seed = [runner.diagnose(test_step, unstack_state(st, i).variables(), teacher, "test")
+                for i in range(len(seeds))]
+    test = [d["accuracy"] for d in per_seed]
+    results["teacher"]["ece"] = per_seed[0]["teacher_ece"]
     vals = [[h[f"{name}/accuracy/{i}"] for h in history if h["split"] == "val"]
             for i in range(len(seeds))]
     results["methods"][name] = {
         "loss": spec, "test_accuracy": test,
         "val_accuracy": [v[-1] for v in vals] if vals[0] else None,
         "best_val_accuracy": [max(v) for v in vals] if vals[0] else None,
-        "steps": loop.step_count(st)}
+        "steps": loop.step_count(st),
+        "diagnostics": {k: [d[k] for d in per_seed] for k in STUDENT_DIAGNOSTICS
+                        if k in per_seed[0]}}
   # Hyperparameters chosen on validation data only: {reported name: (candidate methods)}.
   for name, candidates in dict(config.get("select_on_val", {}) or {}).items():
     candidates = [c for c in candidates if c in results["methods"]]

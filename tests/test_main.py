@@ -140,3 +140,25 @@ def test_default_main_job_on_mnist1d_prints_the_multi_seed_table(tmp_path, capsy
   assert set(results["paired"]) == set(results["methods"]) - {"student"}
   out = capsys.readouterr().out
   assert "(3 seeds)" in out and "vs student (paired, 95% CI)" in out
+  # Distillation diagnostics (tested against float64 in tests/train/test_diagnostics.py): in
+  # results.json per method and seed, printed, and in the validation metrics (JSONL and
+  # TensorBoard).
+  assert results["diagnostics"]["cka_features"] == {"student": "pre_pool", "teacher": "pre_pool"}
+  assert 0.0 <= results["teacher"]["ece"] <= 1.0
+  for name, r in results["methods"].items():
+    d = r["diagnostics"]
+    assert set(d) == {"agreement", "kl", "ece", "cka"}, name
+    assert all(len(v) == 3 for v in d.values()), name
+    assert all(0 <= a <= 1 for a in d["agreement"]) and all(k >= 0 for k in d["kl"]), name
+    assert all(-1 <= c <= 1 for c in d["cka"]), name
+  assert json.load(open(tmp_path / "results.json"))["methods"]["kd"]["diagnostics"] == (
+      results["methods"]["kd"]["diagnostics"])
+  assert "student vs teacher on test" in out and "agreement %" in out
+  records = [json.loads(l) for l in open(tmp_path / "students" / "metrics.jsonl")]
+  val = [r for r in records if r["split"] == "val"]
+  assert val and {"kd/agreement", "kd/agreement/2", "kd/kl/0", "sp_300/cka/1", "ptloss/ece/0",
+                  "teacher/ece"} <= set(val[-1])
+  events = b"".join(open(os.path.join(root, f), "rb").read()
+                    for root, _, files in os.walk(tmp_path / "students" / "tensorboard")
+                    for f in files)
+  assert b"kd/agreement" in events and b"kd/cka" in events

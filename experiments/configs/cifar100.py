@@ -8,8 +8,9 @@ epochs 150, 180 and 210; crop 32 / pad 4 + flip, CIFAR-100 mean/std. Methods: KD
 KD 0.9), SP (CE 1 + 3000 x SP on the last feature map before pooling, `pre_pool` = RepDistiller's
 feat[-2]), DKD (CE 1, alpha 1, beta per pair, T 4, 20-epoch linear warm-up), RKD (CE 1 + 1 x RKD
 25/50 on the pooled embedding). Teachers are trained with the same recipe (RepDistiller
-`train_teacher.py`) unless `teacher.checkpoint` points to one (e.g. converted with
-`kd_jax.models.torch_convert`).
+`train_teacher.py`) unless `teacher.checkpoint` points to one (e.g. a RepDistiller teacher converted with
+`python -m kd_jax.convert_teacher --pth=ckpt_epoch_240.pth --arch=resnet32x4 --num_classes=100
+--out=DIR`).
 
 Pick the pair after a colon (names as in the CIFAR-100 tables of RepDistiller's README):
 
@@ -104,6 +105,10 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
   c.log_every = 100
   c.eval_every_epochs = 1      # val (= test) accuracy every epoch: last and best epoch both kept
   c.progress = True
+  # Distillation diagnostics (kd_jax.train.evaluate.evaluate_distillation); CKA on the maps SP
+  # compares.
+  c.diagnostics = ml_collections.ConfigDict({"student_feature": "pre_pool",
+                                             "teacher_feature": "pre_pool", "num_bins": 15})
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = teacher

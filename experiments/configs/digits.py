@@ -37,6 +37,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.log_every = 25
   c.eval_every_epochs = 5      # validation accuracy during training (0: only at the end)
   c.progress = True
+  # Distillation diagnostics of every student against the teacher, at every evaluation and on
+  # the test split (kd_jax.train.evaluate.evaluate_distillation): top-1 agreement, KL at T = 1,
+  # ECE of both, linear CKA between these two feature maps ("" for either: no CKA).
+  c.diagnostics = ml_collections.ConfigDict({"student_feature": "pre_pool",
+                                             "teacher_feature": "pre_pool", "num_bins": 15})
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = "cnn_digits"

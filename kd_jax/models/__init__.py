@@ -33,7 +33,9 @@ stream; `nnx.merge(graphdef, params, rest)` inside the jitted step, and return
 Batch norm normalises with the statistics of the batch it sees (per device under shard_map or
 pmap, as RepDistiller's single-GPU recipe); its running variance follows PyTorch (unbiased).
 Pooling is global, which equals RepDistiller's fixed pooling windows for 32x32 inputs.
-PyTorch checkpoints: `kd_jax.models.torch_convert.from_torch_state_dict`.
+PyTorch checkpoints: `kd_jax.models.torch_file` reads `torch.save` files without torch,
+`kd_jax.models.torch_convert.from_torch_state_dict` converts a state dict, and
+`python -m kd_jax.convert_teacher` writes an Orbax teacher from a `.pth` file in one command.
 """
 
 from kd_jax.models._registry import available, create, create_compiled

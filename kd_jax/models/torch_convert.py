@@ -7,8 +7,9 @@ ReLUs), and every tensor is re-laid-out: conv weights OIHW -> HWIO, linear weigh
 (`num_batches_tracked` is dropped). Any unknown key, missing variable or shape mismatch raises
 a ValueError naming the key and both shapes.
 
-RepDistiller teacher files (`ckpt_epoch_240.pth`) hold the state dict under "model"; load it in
-a torch environment and pass `{k: v.numpy() for k, v in ckpt["model"].items()}`.
+RepDistiller teacher files (`ckpt_epoch_240.pth`) hold the state dict under "model":
+`kd_jax.models.torch_file.state_dict(torch_file.load(path))` reads it without torch, and
+`python -m kd_jax.convert_teacher` turns the file into an Orbax teacher in one command.
 """
 
 from __future__ import annotations
