@@ -276,7 +276,8 @@ def _teacher(runner: _Runner, config, seed: int) -> tuple[teachers.FrozenTeacher
                             "exist; leave it empty to train a teacher in the workdir.")
   model = create_model(tcfg.model, num_classes=n, seed=seed + 1000, **_options(tcfg))
   state, _ = runner.fit("teacher", model, tcfg, "ce:1", "teacher", seed=seed + 1000)
-  teachers.save_teacher(path, state.model(), overwrite=True)
+  teachers.save_teacher(path, state.model(), overwrite=True, model_name=tcfg.model,
+                        num_classes=n, model_options=_options(tcfg))
   return teachers.restore_teacher(path, tcfg.model, num_classes=n, **_options(tcfg)), True
 
 
@@ -306,7 +307,8 @@ def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -
     step = int(jax.device_get(state.step))
     if acc > best["val_ncm_accuracy"]:
       best.update(step=step, val_ncm_accuracy=acc)
-      teachers.save_teacher(best_path, state.model(), overwrite=True)
+      teachers.save_teacher(best_path, state.model(), overwrite=True, model_name=scfg.model,
+                            num_classes=n, model_options=_options(scfg))
       if jax.process_index() == 0:
         with open(info_path, "w") as f:
           json.dump(best, f)

@@ -74,11 +74,16 @@ class Dataset:
               splits, num_samples=transfer, seed=int(dcfg.get("transfer_seed", 1)))
           self._transfer_batch = int(dcfg.get("transfer_batch_size", self.batch_size))
       self.num_classes = splits.num_classes
+      self.normalization = {"dataset": self.name, "mean": np.asarray(splits.mean).tolist(),
+                            "std": np.asarray(splits.std).tolist()}
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
       self.num_train = len(splits.train["label"])
       self.image_shape = tuple(splits.train["image"].shape[1:])
     elif self.name in data_lib.CIFAR_NUM_CLASSES:
       self.num_classes = data_lib.CIFAR_NUM_CLASSES[self.name]
+      from kd_jax.data import augment  # pylint: disable=g-import-not-at-top
+      mean, std = augment.CIFAR_STATS[self.name]
+      self.normalization = {"dataset": self.name, "mean": list(mean), "std": list(std)}
       self.data_dir = config.get("data_dir") or None
       self._sources = {
           "train": data_lib.tfds_source(self.name, config.get("train_split", "train"),
@@ -273,16 +278,23 @@ def _teacher(runner: Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
   path = os.path.abspath(path)
   if os.path.exists(path):
     return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
+                                    normalization=runner.data.normalization,
                                     **_model_options(tcfg)), False
   if tcfg.get("checkpoint"):
     raise FileNotFoundError(f"teacher checkpoint {path} (config.teacher.checkpoint) does not "
                             "exist; leave it empty to train a teacher in the workdir.")
   model = create_model(tcfg.model, num_classes=num_classes, seed=int(config.seed) + 1000,
                        **_model_options(tcfg))
-  state, _ = runner.fit("teacher", model, tcfg, "ce:1")
+  state, history = runner.fit("teacher", model, tcfg, "ce:1")
   trained = state.model()
-  teachers.save_teacher(path, trained, overwrite=True)  # every process calls it (Orbax syncs)
+  val = [h["accuracy"] for h in history if h.get("split") == "val" and "accuracy" in h]
+  # Every process calls it (Orbax syncs); the fingerprint records what the restore checks.
+  teachers.save_teacher(path, trained, overwrite=True, model_name=tcfg.model,
+                        num_classes=num_classes, model_options=_model_options(tcfg),
+                        normalization=runner.data.normalization,
+                        val_accuracy=val[-1] if val else None)
   return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
+                                  normalization=runner.data.normalization,
                                   **_model_options(tcfg)), True
 
 
@@ -473,6 +485,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   teachers.check_teacher_outputs(
       teacher, runner.data.eval("val"),
       student_num_classes=int(config.student.get("num_classes") or runner.data.num_classes))
+  if not trained and (teacher.fingerprint or {}).get("val_accuracy") is not None:
+    # A restored teacher must reproduce its recorded validation accuracy on this run's data.
+    t_val = runner.eval_fn(teacher.graphdef, "val")(teacher.variables)["accuracy"]
+    teachers.check_teacher_accuracy(
+        teacher, t_val, tolerance=float(config.teacher.get("accuracy_tolerance", 0.02)))
   t_test = runner.eval_fn(teacher.graphdef, "test")(teacher.variables)
 
   options = {k: dict(v) for k, v in dict(config.get("loss_options", {}) or {}).items()}
