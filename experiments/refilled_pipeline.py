@@ -248,7 +248,8 @@ class _Runner:
     state = TrainState.create(model, optimizer(cfg, spe, num_steps), rng=jax.random.key(seed))
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
-                           loss_options=loss_options, axis_name=axis)
+                           loss_options=loss_options, axis_name=axis,
+                           nonfinite=self.config.get("nonfinite", "stop"))
     if step.owns_variables:
       example = jax.tree.map(lambda x: x[:1], next(iter(self.data.train(role))))
       state = step.init(state, example, None if teacher is None else teacher.variables,

@@ -242,7 +242,8 @@ class Runner:
     state = TrainState.create(model, tx, rng=jax.random.key(int(self.config.seed)))
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
-                           loss_options=loss_options, axis_name=axis)
+                           loss_options=loss_options, axis_name=axis,
+                           nonfinite=self.config.get("nonfinite", "stop"))
     with_index = "index" in step.batch_keys
     # Terms that own parameters or state (connectors, heads, memory banks) initialise them from
     # the models' output shapes on one example batch.
@@ -412,7 +413,8 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
                     if k in {t.name for t in terms_lib.parse_terms(spec)}}
                 for m, spec in specs.items()}
   step = make_multi_student_step(specs, teacher_graphdef=teacher.graphdef,
-                                 loss_options=per_method, axis_name=axis)
+                                 loss_options=per_method, axis_name=axis,
+                                 nonfinite=config.get("nonfinite", "stop"))
   with_index = any("index" in sub.batch_keys for sub in step.steps.values())
   example = None
   inits = []

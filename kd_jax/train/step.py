@@ -77,7 +77,8 @@ def make_train_step(loss, *,
                     loss_options: Mapping[str, Mapping[str, Any]] | None = None,
                     axis_name: str | None = BATCH_AXIS,
                     input_key: str = "image",
-                    cached_teacher: str | None = None) -> Callable[..., tuple[TrainState, dict]]:
+                    cached_teacher: str | None = None,
+                    nonfinite: str = "stop") -> Callable[..., tuple[TrainState, dict]]:
   """Builds the per-device step for the weighted sum of loss terms `loss`.
 
   total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
@@ -98,6 +99,11 @@ def make_train_step(loss, *,
       per cached feature). The step then costs a student step; use it only for inputs without
       random augmentation (the cache holds the teacher's view of the un-augmented example).
       Excludes `teacher_graphdef`.
+    nonfinite: the guard against NaN/inf. "stop" (default): metrics["finite"] is 1.0 when the
+      loss and every gradient are finite, else 0.0 (one reduction over the gradients, after
+      their `pmean`), and `kd_jax.train.fit` stops there naming the step and the term;
+      "skip": in addition a non-finite step leaves the state unchanged (the step counter and
+      the rng advance) and `fit` counts it; "off": no check (for timing the check itself).
 
   Returns:
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
@@ -112,6 +118,8 @@ def make_train_step(loss, *,
     ValueError: an unknown term, or a term that needs a teacher when none is given.
   """
   terms = parse_terms(loss, loss_options)
+  if nonfinite not in NONFINITE_MODES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}.")
   if cached_teacher is not None and teacher_graphdef is not None:
     raise ValueError("pass either teacher_graphdef (run the teacher in the step) or "
                      "cached_teacher (read its outputs from the batch), not both.")
@@ -175,6 +183,12 @@ def make_train_step(loss, *,
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_model_state,
                               opt_state=opt_state, rng=rng, term_params=term_params,
                               term_state={**state.term_state, **new_term_state})
+    if nonfinite != "off":
+      finite = jnp.isfinite(metrics["loss"]) & all_finite(grads)
+      metrics["finite"] = finite.astype(jnp.float32)
+      if nonfinite == "skip":  # the step counter and the rng advance; nothing else changes
+        new_state = new_state.replace(**{f: keep_if(finite, getattr(new_state, f),
+                                                    getattr(state, f)) for f in _UPDATED})
     return new_state, metrics
 
   def init(state: TrainState, batch: Mapping[str, Any], teacher_variables=None, *,
@@ -200,7 +214,25 @@ def make_train_step(loss, *,
   step.batch_keys = frozenset(k for t in terms for k in t.term.batch_keys)
   step.update = update
   step.teacher_of = teacher_of
+  step.nonfinite = nonfinite
   return step
+
+
+NONFINITE_MODES = ("stop", "skip", "off")
+_UPDATED = ("params", "batch_stats", "opt_state", "term_params", "term_state")
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every float leaf of `tree` is finite: one sum per leaf, added up (a NaN or inf
+  anywhere, or finite values so large that they overflow, make the total non-finite)."""
+  sums = [jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
+
+
+def keep_if(ok, new, old):
+  """`new` where the scalar `ok` holds, else `old`, leaf by leaf (the skip of a bad step)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
@@ -230,7 +262,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             teacher_graphdef: nnx.GraphDef | None = None,
                             loss_options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None
                             = None, axis_name: str | None = BATCH_AXIS, input_key: str = "image",
-                            cached_teacher: str | None = None) -> Callable[..., tuple[dict, dict]]:
+                            cached_teacher: str | None = None, nonfinite: str = "stop"
+                            ) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
   A KD table is many students (methods x seeds) distilled from one teacher on the same data.
@@ -241,7 +274,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
 
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
-    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`.
+    teacher_graphdef, axis_name, input_key, cached_teacher, nonfinite: as `make_train_step`
+      (each student's "<method>/finite" metric, and skipping, are per student).
     loss_options: {method name: per-term options} (optional).
 
   Returns:
@@ -255,7 +289,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     raise ValueError(f"loss_options for unknown method(s) {unknown}; methods: {sorted(methods)}.")
   steps = {name: make_train_step(spec, teacher_graphdef=teacher_graphdef,
                                  loss_options=loss_options.get(name), axis_name=axis_name,
-                                 input_key=input_key, cached_teacher=cached_teacher)
+                                 input_key=input_key, cached_teacher=cached_teacher,
+                                 nonfinite=nonfinite)
            for name, spec in methods.items()}
   if not steps:
     raise ValueError("make_multi_student_step needs at least one method.")
@@ -273,4 +308,5 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     return new_states, metrics
 
   step.steps = steps
+  step.nonfinite = nonfinite
   return step
