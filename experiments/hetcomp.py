@@ -88,7 +88,10 @@ def run_seed(inter, seed, workdir, config, bar):
     bar.set_postfix_str(f"seed {seed}: {msg}"[:70], refresh=False)
     bar.refresh()
 
-  split = data.split_per_user(inter, seed=config.split_seed)
+  try:
+    split = data.split_per_user(inter, seed=config.split_seed)
+  except ValueError as e:  # e.g. no user left: name the data that was read
+    raise ConfigError(f"config.data_dir {config.data_dir!r}: {e}") from None
   ctx = teachers.make_context(split)
   specs = dict(teachers.DEFAULT_SPECS)
   if config.quick:
@@ -256,15 +259,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:  # a bad data path: a clear message, no trace
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
   return 0
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import _cli  # pylint: disable=g-import-not-at-top
+  _cli.precheck(_DEFAULT_CONFIG)
   _define_flags()
-  app.run(main)
+  _cli.run(main, _DEFAULT_CONFIG)  # errors: one line, `--verbose` for the traceback

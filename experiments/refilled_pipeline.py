@@ -297,8 +297,7 @@ def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -
   info_path = os.path.join(runner.workdir, "stage1", "best.json")
   best = {"step": -1, "val_ncm_accuracy": -1.0}
   if os.path.exists(info_path):
-    with open(info_path) as f:
-      best = json.load(f)
+    best = loop.read_json(info_path, what="the selected stage-1 step")
 
   def eval_fn(state: TrainState):
     variables = state.variables()
@@ -311,8 +310,9 @@ def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -
       teachers.save_teacher(best_path, state.model(), overwrite=True, model_name=scfg.model,
                             num_classes=n, model_options=_options(scfg))
       if jax.process_index() == 0:
-        with open(info_path, "w") as f:
+        with open(info_path + ".tmp", "w") as f:  # written whole or not at all
           json.dump(best, f)
+        os.replace(info_path + ".tmp", info_path)
     return {"split": "val", "ncm_accuracy": acc}
 
   spe = runner.data.steps_per_epoch("student")

@@ -312,8 +312,10 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
   # The selection depends only on the teacher and these settings: reuse it when resuming.
   cache = os.path.join(runner.workdir, "ptloss_selection.json")
   if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
+    cached = loop.read_json(cache, what="the cached PTLoss selection")
+    if not isinstance(cached, dict) or not {"settings", "epsilon", "info"} <= set(cached):
+      raise ValueError(f"{cache} (the cached PTLoss selection) lacks its 'settings', 'epsilon' "
+                       "or 'info' entry; delete it to select again.")
     if cached.get("settings") == json.loads(json.dumps(settings)):
       return cached["epsilon"], cached["info"]
   from kd_jax import ptloss as ptloss_lib  # pylint: disable=g-import-not-at-top
@@ -339,8 +341,9 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
           "validation": calib}  # at the PTLoss temperature, on the validation split
   epsilon = np.asarray(sel.epsilon).tolist()
   if jax.process_index() == 0:
-    with open(cache, "w") as f:
+    with open(cache + ".tmp", "w") as f:  # written whole or not at all
       json.dump({"settings": settings, "epsilon": epsilon, "info": info}, f, indent=2)
+    os.replace(cache + ".tmp", cache)
   return epsilon, info
 
 

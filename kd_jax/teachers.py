@@ -24,7 +24,6 @@ import json
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -76,17 +75,6 @@ def _split(model: nnx.Module):
   return graphdef, params, rest
 
 
-def array_checksums(tree) -> dict[str, dict[str, Any]]:
-  """{key path: {"shape", "dtype", "crc32"}} of every array of a nested dict (CRC-32 of the
-  array's bytes in C order)."""
-  out = {}
-  for key, leaf in checkpoint.flat_paths(tree).items():
-    a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-    out[key] = {"shape": list(a.shape), "dtype": str(a.dtype),
-                "crc32": zlib.crc32(memoryview(a).cast("B")) & 0xFFFFFFFF}
-  return out
-
-
 def _jsonable(value):
   if isinstance(value, Mapping):
     return {str(k): _jsonable(v) for k, v in value.items()}
@@ -135,7 +123,7 @@ def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool 
       "model_options": _jsonable(dict(model_options or {})),
       "normalization": None if normalization is None else _jsonable(dict(normalization)),
       "val_accuracy": None if val_accuracy is None else float(val_accuracy),
-      "checksum": "crc32", "arrays": array_checksums(tree)}
+      "checksum": "crc32", "arrays": checkpoint.array_checksums(tree)}
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, tree, force=overwrite)
   checkpointer.wait_until_finished()
@@ -275,7 +263,8 @@ def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: in
                   "by save_teacher since it records checksums): its arrays cannot be verified.",
                   stacklevel=2)
   else:
-    _verify_checksums(path, fingerprint["arrays"], restored)
+    checkpoint.verify_checksums(f"teacher checkpoint {path}", fingerprint["arrays"], restored,
+                                hint=" Re-train or re-copy the teacher.")
   params, rest = abs_params, abs_rest
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.replace_by_pure_dict(rest, restored["batch_stats"])
@@ -287,24 +276,6 @@ def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: in
 def _mismatch_message(path: str, mismatches: list[str]) -> str:
   return (f"teacher checkpoint {path} is not the teacher this run asks for (another "
           "architecture, class count, options or normalisation):\n  " + "\n  ".join(mismatches))
-
-
-def _verify_checksums(path: str, recorded: Mapping[str, Any], restored) -> None:
-  """Raises naming every array whose restored bytes differ from the fingerprint's."""
-  got = array_checksums(restored)
-  bad = [k for k in sorted(got) if k in recorded and
-         (recorded[k].get("crc32") != got[k]["crc32"] or
-          list(recorded[k].get("shape", got[k]["shape"])) != got[k]["shape"])]
-  missing = sorted(set(recorded) - set(got))
-  if bad or missing:
-    parts = []
-    if bad:
-      parts.append(f"array(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} differ from what was "
-                   "saved (CRC-32 mismatch)")
-    if missing:
-      parts.append(f"array(s) {missing[:8]} recorded in the fingerprint were not restored")
-    raise ValueError(f"teacher checkpoint {path} is corrupt: " + "; ".join(parts) +
-                     ". Re-train or re-copy the teacher.")
 
 
 def freeze(model: nnx.Module, *, model_name: str = "", num_classes: int | None = None

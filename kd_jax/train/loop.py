@@ -120,6 +120,9 @@ def stop_after(num_steps: int) -> Hook:
   return hook
 
 
+CHECKSUM_FILE = "kd_jax_checksums.json"
+
+
 class Checkpointer:
   """Orbax `CheckpointManager` of the student state under `<workdir>/checkpoints`, every array
   under its key path in the state (`kd_jax.checkpoint`, the codec teachers use too)."""
@@ -141,9 +144,14 @@ class Checkpointer:
   def save(self, step: int, state: TrainState) -> None:
     """Writes `state` (whose step is `step`) unless that step is already saved."""
     if step not in self.manager.all_steps():
-      self.manager.save(step, args=ocp.args.StandardSave(checkpoint.to_saveable(state)),
-                        force=True)
+      saveable = checkpoint.to_saveable(state)
+      self.manager.save(step, args=ocp.args.StandardSave(saveable), force=True)
       self.manager.wait_until_finished()
+      if jax.process_index() == 0:  # the arrays' CRC-32, verified by `restore`
+        path = os.path.join(self.directory, str(step), CHECKSUM_FILE)
+        with open(path + ".tmp", "w") as f:
+          json.dump(checkpoint.array_checksums(saveable), f)
+        os.replace(path + ".tmp", path)
 
   def restore(self, template: TrainState, sharding=None) -> TrainState:
     """Restores the latest checkpoint into the structure (and sharding) of `template`.
@@ -156,12 +164,29 @@ class Checkpointer:
     step = self.manager.latest_step()
     where = f"checkpoint {self.directory}/{step}"
     target = checkpoint.abstract_saveable(template, sharding)
-    meta = self.manager.item_metadata(step)
-    saved = dict(getattr(meta, "tree", meta) or {})
+    broken = (f"{where} is truncated or corrupt ({{}}); delete that step's directory to resume "
+              "from the previous checkpoint, or start the run afresh with --overwrite.")
+    try:
+      meta = self.manager.item_metadata(step)
+      saved = dict(getattr(meta, "tree", meta) or {})
+    except Exception as e:  # noqa: BLE001 - orbax raises several types for a broken directory
+      raise ValueError(broken.format(f"its metadata cannot be read: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                       ) from None
     checkpoint.check_arrays(where, target, saved, what="state of this run",
                             hint=" (was the workdir written with another model, loss or "
                             "optimizer? use a fresh workdir)")
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(broken.format(f"reading its arrays failed: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                       ) from None
+    sums = os.path.join(self.directory, str(step), CHECKSUM_FILE)
+    if os.path.exists(sums):  # checkpoints written before checksums were recorded have none
+      checkpoint.verify_checksums(
+          where, read_json(sums, what="the checkpoint's checksums"), restored,
+          hint=" Delete that step's directory to resume from the previous checkpoint.")
     return checkpoint.from_saveable(template, restored)
 
   def close(self):
@@ -414,8 +439,7 @@ def _check_run_info(workdir: str, run_info: Mapping[str, Any]) -> None:
   info = json.loads(json.dumps(run_info))  # normalise tuples to lists
   path = os.path.join(workdir, "run.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = read_json(path, what="the run description")
     if old != info:
       diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
       raise ValueError(
@@ -424,8 +448,19 @@ def _check_run_info(workdir: str, run_info: Mapping[str, Any]) -> None:
           "fresh workdir or delete that run's directory.")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # written whole or not at all
       json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path: str, *, what: str = "file") -> Any:
+  """The JSON content of `path`; a truncated or corrupt file is a ValueError naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path} ({what}) is not valid JSON ({e}); it was probably cut short by a "
+                     "kill: delete it (it is rewritten) or start afresh with --overwrite.") from None
 
 
 def _evaluate(eval_fn, state, step, writer, history):

@@ -19,12 +19,15 @@ ARRAYS = toy_batch(32, seed=5)
 _EVALS = iter(range(1000))
 
 
+STEP = make_train_step("ce:1", axis_name=None)  # one compiled program for every run here
+
+
 def _fit(workdir, hooks=()):
   state = TrainState.create(ToyNet(width=4, rngs=nnx.Rngs(0)), optax.sgd(0.1),
                             rng=jax.random.key(0))
   # A fake evaluation whose value falls over time: the best one is the first.
   eval_fn = lambda s: {"split": "val", "accuracy": 1.0 / (2 + next(_EVALS))}  # noqa: E731
-  return loop.fit(state, make_train_step("ce:1", axis_name=None),
+  return loop.fit(state, STEP,
                   lambda s: data.batches(ARRAYS, batch_size=8, seed=0, start_step=s),
                   num_steps=8, mode="none", workdir=str(workdir), checkpoint_every=3,
                   log_every=1, eval_every=2, eval_fn=eval_fn, progress=False, hooks=hooks)
