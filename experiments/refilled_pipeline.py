@@ -114,6 +114,8 @@ class TaskData:
                                       setting.student_classes, allow_missing=True)
         for role in ("teacher", "student"):
           self._splits[(role, split)] = class_splits.apply_split(arrays, cs, role)
+          data_lib.check_split(self._splits[(role, split)], split=f"{role} {split}",
+                               num_classes=self.num_classes[role])
       self._train_augment = self._eval_transform = None
     else:
       self._tfds_init(config)

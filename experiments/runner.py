@@ -77,6 +77,10 @@ class Dataset:
       self.normalization = {"dataset": self.name, "mean": np.asarray(splits.mean).tolist(),
                             "std": np.asarray(splits.std).tolist()}
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
+      for split, arrays in self._splits.items():  # empty splits, NaN inputs, bad labels
+        data_lib.check_split(arrays, split=split, num_classes=self.num_classes)
+      if self._transfer is not None:
+        data_lib.check_split(self._transfer, split="transfer", label_key=None)
       self.num_train = len(splits.train["label"])
       self.image_shape = tuple(splits.train["image"].shape[1:])
     elif self.name in data_lib.CIFAR_NUM_CLASSES:
