@@ -198,8 +198,9 @@ def run(config, workdir: str = ""):
   stages = len(TEACHER_LABELS) + 2 + 4
   order, per_seed, extra = [], {}, {}
   t0 = time.time()
-  with tempfile.TemporaryDirectory() as tmp:
-    workdir = workdir or tmp
+  from kd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp, workdir_lib.lock(workdir or tmp):
+    workdir = workdir or tmp  # locked: no second run writes the same trajectories
     with tqdm(total=seeds * stages, desc="hetcomp", file=sys.stderr) as bar:
       for done, seed in enumerate(seed_ids):
         res = run_seed(inter, seed, workdir, config, bar)

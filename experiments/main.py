@@ -8,7 +8,8 @@
 Prints a table of test accuracy per method (mean +- std over seeds, and the paired difference
 from the student alone with its 95 % interval) next to the teacher's and writes metrics
 (metrics.jsonl, TensorBoard events), Orbax checkpoints and results.json to --workdir. Restarted
-with the same --workdir it resumes every run from its last checkpoint. The runner is
+with the same --workdir it resumes every run from its last checkpoint; a workdir is locked while
+a run uses it and refuses a run of another configuration unless --overwrite is given. The runner is
 `experiments/runner.py`; see docs/training.md. Errors are one line (`error: ...`, exit status
 1); `--verbose` adds the traceback.
 """
@@ -28,6 +29,8 @@ if __name__ == "__main__":  # a missing --config file or unknown key: one line, 
   _cli.precheck(_DEFAULT_CONFIG)
 _WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Where metrics, checkpoints and "
                                "results.json are written (and resumed from).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start afresh in a --workdir that holds a "
+                                "run of another configuration (its contents are deleted).")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "An ml_collections config "
                                           "file (experiments/configs/*.py).", lock_config=True)
 
@@ -37,7 +40,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from experiments import runner  # pylint: disable=g-import-not-at-top
-  runner.run(_CONFIG.value, _WORKDIR.value)
+  runner.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   return 0
 
 

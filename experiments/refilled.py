@@ -30,6 +30,8 @@ if __name__ == "__main__":  # a missing --config file or unknown key: one line, 
   _cli.precheck(_DEFAULT_CONFIG)
 _WORKDIR = flags.DEFINE_string("workdir", "./workdir/refilled", "Where metrics, checkpoints "
                                "and results.json are written (and resumed from).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start afresh in a --workdir that holds a "
+                                "run of another configuration (its contents are deleted).")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "A ReFilled config "
                                           "(experiments/configs/refilled_*.py).",
                                           lock_config=True)
@@ -40,7 +42,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from experiments import refilled_pipeline  # pylint: disable=g-import-not-at-top
-  refilled_pipeline.run(_CONFIG.value, _WORKDIR.value)
+  refilled_pipeline.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   return 0
 
 

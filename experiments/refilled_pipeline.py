@@ -41,6 +41,7 @@ from flax import nnx
 from kd_jax import data as data_lib
 from kd_jax import parallel
 from kd_jax import teachers
+from kd_jax import workdir as workdir_lib
 from kd_jax.data import class_splits
 from kd_jax.models import create_compiled as create_model
 from kd_jax.refilled import embedding_class_centers, ncm_evaluate, with_class_centers
@@ -459,14 +460,22 @@ def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
                    [line(r) for r in rows[1:]])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        overwrite: bool = False) -> dict[str, Any]:
   """Every setting in `config.settings` x every seed in `config.seeds`; prints the table.
 
   Each run goes to `<workdir>/<setting>/seed_<seed>` (resumable); the summary and every run's
-  results are written to `<workdir>/results.json`.
+  results are written to `<workdir>/results.json`. The workdir is locked for the run and must
+  hold a run of the same configuration (`kd_jax.workdir`; `overwrite=True` empties it first).
   """
   if config.get("distributed", False):
     parallel.initialize_distributed()
+  with workdir_lib.open_workdir(os.path.abspath(workdir), config, overwrite=overwrite,
+                                primary=jax.process_index() == 0):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   presets = settings(config)
   names = list(config.settings)
   unknown = [s for s in names if s not in presets]

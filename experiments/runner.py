@@ -39,6 +39,7 @@ from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax import parallel
 from kd_jax import teachers
+from kd_jax import workdir as workdir_lib
 from kd_jax.models import create_compiled as create_model
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
@@ -262,7 +263,8 @@ class Runner:
                 "num_steps": num_steps, "batch_size": self.data.batch_size,
                 "optimizer": {k: cfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                       "decay_epochs", "decay_rate")},
-                "teacher": None if teacher is None else teacher.path,
+                "teacher": None if teacher is None else workdir_lib.relative_path(
+                    teacher.path, self.workdir),
                 "dataset": self.data.name, "seed": int(self.config.seed)}
     eval_every = int(self.config.get("eval_every_epochs", 0) or 0) * spe
     return loop.fit(
@@ -310,7 +312,8 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
     return eps.tolist(), {"selected": False}
   temperature = float((config.get("loss_options", {}) or {}).get("ptloss", {}).get(
       "temperature", 1.0))
-  settings = {"teacher": teacher.path, "seed": int(config.seed), "temperature": temperature,
+  settings = {"teacher": workdir_lib.relative_path(teacher.path, runner.workdir),
+              "seed": int(config.seed), "temperature": temperature,
               "distance": pcfg.get("distance", "l2"),
               **{k: pcfg.get(k) for k in ("order", "num_candidates", "scale")}}
   # The selection depends only on the teacher and these settings: reuse it when resuming.
@@ -461,7 +464,8 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
               "batch_size": runner.data.batch_size,
               "optimizer": {k: scfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                      "decay_epochs", "decay_rate")},
-              "teacher": teacher.path, "dataset": runner.data.name,
+              "teacher": workdir_lib.relative_path(teacher.path, runner.workdir),
+              "dataset": runner.data.name,
               "data_seed": int(config.seed),
               "data": dict(config.get("data", {}) or {})}
   eval_every = int(config.get("eval_every_epochs", 0) or 0) * spe
@@ -476,8 +480,13 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
 
 # ---------------------------------------------------------------------------- run
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        overwrite: bool = False) -> dict[str, Any]:
   """Runs the experiment described by `config` in `workdir` (resuming what is there).
+
+  The workdir is locked for the run and must hold a run of the same configuration, teacher
+  included (`kd_jax.workdir`); `overwrite=True` empties a workdir of another configuration
+  first.
 
   Returns:
     The results dict also written to `<workdir>/results.json`: the teacher's test accuracy and,
@@ -488,8 +497,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   runner = Runner(config, workdir)
   validate(config, num_classes=runner.data.num_classes)
-  os.makedirs(runner.workdir, exist_ok=True)
+  with workdir_lib.open_workdir(runner.workdir, config, overwrite=overwrite,
+                                primary=jax.process_index() == 0) as resumed:
+    if resumed and runner.progress:
+      print(f"{runner.workdir}: resuming a run of this configuration (finished parts are "
+            "reused)", flush=True)
+    return _run(config, runner)
 
+
+def _run(config, runner: Runner) -> dict[str, Any]:
   teacher, trained = _teacher(runner, config)
   teachers.check_teacher_outputs(
       teacher, runner.data.eval("val"),
@@ -514,7 +530,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seeds = seeds_of(config)
   results = {"dataset": config.dataset, "seed": int(config.seed), "seeds": seeds,
              "teacher": {"model": config.teacher.model, "test_accuracy": t_test["accuracy"],
-                         "trained_here": trained, "checkpoint": teacher.path},
+                         "trained_here": trained,
+                         "checkpoint": workdir_lib.relative_path(teacher.path, runner.workdir)},
              "student_model": config.student.model, "methods": {}}
   if eps_info is not None:
     results["ptloss"] = eps_info

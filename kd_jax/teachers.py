@@ -120,7 +120,8 @@ def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool 
   fingerprint = {
       "format": _FINGERPRINT_FORMAT, "model_name": model_name,
       "model_class": type(model).__name__, "num_classes": num_classes,
-      "model_options": _jsonable(dict(model_options or {})),
+      # None: not stated (then not checked); {} states the model's defaults.
+      "model_options": None if model_options is None else _jsonable(dict(model_options)),
       "normalization": None if normalization is None else _jsonable(dict(normalization)),
       "val_accuracy": None if val_accuracy is None else float(val_accuracy),
       "checksum": "crc32", "arrays": checkpoint.array_checksums(tree)}

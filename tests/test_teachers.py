@@ -112,8 +112,8 @@ NORM = {"dataset": "digits", "mean": [0.3], "std": [0.4]}
 def fingerprinted(saved, tmp_path_factory):
   model, _, x = saved
   path = teachers.save_teacher(tmp_path_factory.mktemp("fp") / "teacher", model,
-                               model_name="cnn_digits", num_classes=10, normalization=NORM,
-                               val_accuracy=0.93)
+                               model_name="cnn_digits", num_classes=10, model_options={},
+                               normalization=NORM, val_accuracy=0.93)
   return path, x
 
 

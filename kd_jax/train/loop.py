@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -340,6 +341,9 @@ def fit(state: TrainState, step_fn: Callable[..., tuple[TrainState, dict]],
   if ckpt is not None and ckpt.latest_step() is not None:
     state = ckpt.restore(state, sharding)
   start = step_count(state)
+  if start and progress and jax.process_index() == 0:
+    print(f"{name}: {'complete, reused' if start >= num_steps else 'resumed'} from its "
+          f"checkpoint at step {start} of {num_steps}", file=sys.stderr, flush=True)
   writer = MetricWriter(workdir, name, start_step=start)
   history.extend(writer.previous)  # a resumed run's history covers the whole run
   dev_state = put_state(state)
@@ -444,8 +448,8 @@ def _check_run_info(workdir: str, run_info: Mapping[str, Any]) -> None:
       diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
       raise ValueError(
           f"{workdir} holds a run with another configuration (differs in {diff}: "
-          f"{ {k: old.get(k) for k in diff} } vs now { {k: info.get(k) for k in diff} }); use a "
-          "fresh workdir or delete that run's directory.")
+          f"{ {k: old.get(k) for k in diff} } vs now { {k: info.get(k) for k in diff} }); use "
+          "another workdir, or start afresh in this one (--overwrite on the command line).")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:  # written whole or not at all
