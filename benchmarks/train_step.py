@@ -93,14 +93,15 @@ class JaxSetup:
     return lambda n: _timing.time_steps(one, n)
 
   def step_runner(self, loss: str | None, donate: bool = True, library_options: bool = True,
-                  cached_teacher: bool = False):
+                  cached_teacher: bool = False, nonfinite: str = "stop"):
     """`run(n) -> seconds per step` for the library step with `loss` (None: student-only CE).
 
     `library_options=False` compiles with plain `jax.jit` (jaxlib's default XLA:CPU options)
     instead of `kd_jax.compile_options.jit`, the way the library's train loop compiles.
     `cached_teacher=True` times the step that reads the teacher's logits from the batch (a
     teacher-output cache, `make_train_step(..., cached_teacher="teacher_")`): the teacher ran
-    once, beforehand.
+    once, beforehand. `nonfinite="off"` builds the step without its NaN guard (the finiteness
+    reduction over the loss and the gradients, `make_train_step(..., nonfinite=...)`).
     """
     jax = self.jax
     state, batch = self.fresh_state(), self.batch
@@ -112,7 +113,8 @@ class JaxSetup:
       logits = jax.jit(lambda v, x: self.step_lib.teacher_outputs(self.t_graphdef, v, x).logits)
       batch = {**batch, "teacher_logits": logits(self.t_vars, batch["image"])}
     else:
-      fn = self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef, axis_name=None)
+      fn = self.step_lib.make_train_step(loss, teacher_graphdef=self.t_graphdef, axis_name=None,
+                                         nonfinite=nonfinite)
       args = (self.t_vars,)
     if loss is not None and "crd" in loss:
       state, batch = self._with_crd(state, batch)
@@ -203,6 +205,9 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
   if "cached_teacher" in variants:
     name = "kd_jax kd (cached teacher)"
     cs[name] = _timing.Contestant(name, setup.step_runner(METHODS["kd"], cached_teacher=True))
+  if "no_guard" in variants:
+    name = "kd_jax kd (no NaN guard)"
+    cs[name] = _timing.Contestant(name, setup.step_runner(METHODS["kd"], nonfinite="off"))
   if "no_donate" in variants:
     cs["kd_jax kd (no donation)"] = _timing.Contestant(
         "kd_jax kd (no donation)", setup.step_runner(METHODS["kd"], donate=False))
@@ -253,6 +258,11 @@ def run_config(pair: str, batch: int, methods, args, torch_python) -> dict:
     over = _timing.median([k / p for k, p in zip(kd.round_medians, parts)])
     print(f"  KD / (student step + teacher forward) = {over:.3f}  (target <= 1.05)")
     res["overhead"] = over
+  if "kd_jax kd" in cs and "kd_jax kd (no NaN guard)" in cs:
+    cost = _timing.paired_ratio(cs["kd_jax kd (no NaN guard)"], cs["kd_jax kd"])
+    print(f"  NaN guard: KD images/s with / without the guard = {cost:.4f} "
+          f"(guard cost {100 * (1 / cost - 1):+.2f} % of the step time)")
+    res["guard_ratio"] = cost
   if "kd_jax kd" in cs and "kd_jax kd (cached teacher)" in cs:
     speedup = _timing.paired_ratio(cs["kd_jax kd"], cs["kd_jax kd (cached teacher)"])
     print(f"  teacher-output cache: KD step / cached-teacher KD step = {speedup:.2f}x images/s")
@@ -284,7 +294,8 @@ def main(argv=None):
   p.add_argument("--variants", default="",
                  help="extra KD contestants: jaxlib_default (plain jax.jit instead of "
                       "kd_jax.compile_options), cached_teacher (teacher logits read from the "
-                      "batch, kd_jax.data.teacher_cache), no_donate, bf16_teacher, breakdown (student fwd, "
+                      "batch, kd_jax.data.teacher_cache), no_guard (the step without its NaN guard), "
+                      "no_donate, bf16_teacher, breakdown (student fwd, "
                       "student fwd+bwd)")
   args = p.parse_args(argv)
   if args.quick:

@@ -210,7 +210,10 @@ def run_seed(inter, seed, workdir, config, bar):
     out["valid_recall@50"] = metrics.evaluate(scorer, split, "valid", ks=(50,))["recall@50"]
     return dict(out, seed=seed, **extra)
 
-  split = data.split_per_user(inter, seed=config.split_seed)
+  try:
+    split = data.split_per_user(inter, seed=config.split_seed)
+  except ValueError as e:  # e.g. no user left: name the data that was read
+    raise ConfigError(f"config.data_dir {config.data_dir!r}: {e}") from None
   ctx = teachers.make_context(split)
   specs = dict(teachers.DEFAULT_SPECS)
   if config.quick:
@@ -308,8 +311,9 @@ def run(config, workdir: str = ""):
   stages = len(TEACHER_LABELS) + 2 + len(distill_configs(config, 0))
   order, per_seed = [], {}
   t0 = time.time()
-  with tempfile.TemporaryDirectory() as tmp:
-    workdir = workdir or tmp
+  from kd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp, workdir_lib.lock(workdir or tmp):
+    workdir = workdir or tmp  # locked: no second run writes the same trajectories
     with tqdm(total=seeds * stages, desc="hetcomp", file=sys.stderr) as bar:
       for done, seed in enumerate(seed_ids):
         res = run_seed(inter, seed, workdir, config, bar)
@@ -362,15 +366,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:  # a bad data path: a clear message, no trace
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
   return 0
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import _cli  # pylint: disable=g-import-not-at-top
+  _cli.precheck(_DEFAULT_CONFIG)
   _define_flags()
-  app.run(main)
+  _cli.run(main, _DEFAULT_CONFIG)  # errors: one line, `--verbose` for the traceback

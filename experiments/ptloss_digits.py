@@ -448,12 +448,12 @@ def main(argv):
 
 if __name__ == "__main__":
   import os  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                             "ptloss_digits.py"), "experiments/configs/ptloss_digits.py")
+  from experiments import _cli  # pylint: disable=g-import-not-at-top
+  _default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ptloss_digits.py")
+  _cli.precheck(_default)  # a missing --config file or unknown key: one line, before absl
+  config_flags.DEFINE_config_file("config", _default, "experiments/configs/ptloss_digits.py")
   flags.DEFINE_string("out", "", "write the results as JSON here")
-  app.run(main)
+  _cli.run(main, _default)  # errors: one line (`error: ...`), `--verbose` for the traceback

@@ -44,6 +44,7 @@ from experiments import precision
 from kd_jax import data as data_lib
 from kd_jax import parallel
 from kd_jax import teachers
+from kd_jax import workdir as workdir_lib
 from kd_jax.data import class_splits
 from kd_jax.models import create_compiled as create_model
 from kd_jax.refilled import embedding_class_centers, ncm_evaluate, with_class_centers
@@ -118,6 +119,8 @@ class TaskData:
                                       setting.student_classes, allow_missing=True)
         for role in ("teacher", "student"):
           self._splits[(role, split)] = class_splits.apply_split(arrays, cs, role)
+          data_lib.check_split(self._splits[(role, split)], split=f"{role} {split}",
+                               num_classes=self.num_classes[role])
       per_class = int(config.get("student_labels_per_class", 0) or 0)
       if per_class:  # few labels for the student: a class-balanced subset of its training split
         train = self._splits[("student", "train")]
@@ -259,7 +262,8 @@ class _Runner:
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, teacher_graphdef=None if teacher is None else teacher.graphdef,
                            loss_options=loss_options, axis_name=axis,
-                           sync_batch_norm=bool(self.config.get("sync_batch_norm", False)))
+                           sync_batch_norm=bool(self.config.get("sync_batch_norm", False)),
+                           nonfinite=self.config.get("nonfinite", "stop"))
     if step.owns_variables:
       example = jax.tree.map(lambda x: x[:1], next(iter(self.data.train(role))))
       state = step.init(state, example, None if teacher is None else teacher.variables,
@@ -314,7 +318,8 @@ def _teacher(runner: _Runner, config, seed: int) -> tuple[teachers.FrozenTeacher
                             "exist; leave it empty to train a teacher in the workdir.")
   model = create_model(tcfg.model, num_classes=n, seed=seed + 1000, **_options(tcfg))
   state, _ = runner.fit("teacher", model, tcfg, "ce:1", "teacher", seed=seed + 1000)
-  teachers.save_teacher(path, state.model(), overwrite=True)
+  teachers.save_teacher(path, state.model(), overwrite=True, model_name=tcfg.model,
+                        num_classes=n, model_options=_options(tcfg))
   return teachers.restore_teacher(path, tcfg.model, num_classes=n, **_options(tcfg)), True
 
 
@@ -333,8 +338,7 @@ def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -
   info_path = os.path.join(runner.workdir, "stage1", "best.json")
   best = {"step": -1, "val_ncm_accuracy": -1.0}
   if os.path.exists(info_path):
-    with open(info_path) as f:
-      best = json.load(f)
+    best = loop.read_json(info_path, what="the selected stage-1 step")
 
   def eval_fn(state: TrainState):
     variables = state.variables()
@@ -344,10 +348,12 @@ def _stage1(runner: _Runner, config, init_state, graphdef, teacher, seed: int) -
     step = int(jax.device_get(state.step))
     if acc > best["val_ncm_accuracy"]:
       best.update(step=step, val_ncm_accuracy=acc)
-      teachers.save_teacher(best_path, state.model(), overwrite=True)
+      teachers.save_teacher(best_path, state.model(), overwrite=True, model_name=scfg.model,
+                            num_classes=n, model_options=_options(scfg))
       if jax.process_index() == 0:
-        with open(info_path, "w") as f:
+        with open(info_path + ".tmp", "w") as f:  # written whole or not at all
           json.dump(best, f)
+        os.replace(info_path + ".tmp", info_path)
     return {"split": "val", "ncm_accuracy": acc}
 
   spe = runner.data.steps_per_epoch("student")
@@ -566,17 +572,25 @@ def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        overwrite: bool = False) -> dict[str, Any]:
   """Every setting in `config.settings` x every seed in `config.seeds`; prints the table.
 
   Each run goes to `<workdir>/<setting>/seed_<seed>` (resumable); the summary and every run's
-  results are written to `<workdir>/results.json`.
+  results are written to `<workdir>/results.json`. The workdir is locked for the run and must
+  hold a run of the same configuration (`kd_jax.workdir`; `overwrite=True` empties it first).
   """
   if config.get("distributed", False):
     from experiments.runner import distributed_options  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed(**distributed_options(config))
   for who in ("teacher", "student"):
     precision.check(config[who], who)
+  with workdir_lib.open_workdir(os.path.abspath(workdir), config, overwrite=overwrite,
+                                primary=jax.process_index() == 0):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   presets = settings(config)
   names = list(config.settings)
   unknown = [s for s in names if s not in presets]

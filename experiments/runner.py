@@ -44,6 +44,7 @@ from kd_jax import models
 from kd_jax import parallel
 from kd_jax import teachers
 from kd_jax.data.mixing import Mixing
+from kd_jax import workdir as workdir_lib
 from kd_jax.models import create_compiled as create_model
 from kd_jax.train import loop
 from kd_jax.train import terms as terms_lib
@@ -81,6 +82,8 @@ class Dataset:
               splits, num_samples=transfer, seed=int(dcfg.get("transfer_seed", 1)))
           self._transfer_batch = int(dcfg.get("transfer_batch_size", self.batch_size))
       self.num_classes = splits.num_classes
+      self.normalization = {"dataset": self.name, "mean": np.asarray(splits.mean).tolist(),
+                            "std": np.asarray(splits.std).tolist()}
       self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
       self._teacher_train = splits.train
       per_class = int(dcfg.get("labels_per_class", 0) or 0)
@@ -96,11 +99,18 @@ class Dataset:
                             "label": splits.train["label"][rest],
                             "labeled": np.zeros(rest.shape, bool)}
           self._transfer_batch = int(dcfg.get("transfer_batch_size", self.batch_size))
+      for split, arrays in self._splits.items():  # empty splits, NaN inputs, bad labels
+        data_lib.check_split(arrays, split=split, num_classes=self.num_classes)
+      if self._transfer is not None:
+        data_lib.check_split(self._transfer, split="transfer", label_key=None)
       self.num_train = len(self._splits["train"]["label"])
       self.num_teacher_train = len(splits.train["label"])
       self.image_shape = tuple(splits.train["image"].shape[1:])
     elif self.name in data_lib.CIFAR_NUM_CLASSES:
       self.num_classes = data_lib.CIFAR_NUM_CLASSES[self.name]
+      from kd_jax.data import augment  # pylint: disable=g-import-not-at-top
+      mean, std = augment.CIFAR_STATS[self.name]
+      self.normalization = {"dataset": self.name, "mean": list(mean), "std": list(std)}
       self.data_dir = config.get("data_dir") or None
       self._sources = {
           "train": data_lib.tfds_source(self.name, config.get("train_split", "train"),
@@ -294,7 +304,8 @@ class Runner:
     state = TrainState.create(model, tx, rng=jax.random.key(int(self.config.seed)))
     axis = None if self.mode == "none" else parallel.BATCH_AXIS
     step = make_train_step(loss, axis_name=axis,  # a teacher's loss reads no teacher
-                           sync_batch_norm=bool(self.config.get("sync_batch_norm", False)))
+                           sync_batch_norm=bool(self.config.get("sync_batch_norm", False)),
+                           nonfinite=self.config.get("nonfinite", "stop"))
     num_steps = _num_steps(cfg, spe)
     run_info = {"loss": [str(t) for t in step.terms], "model": cfg.model,
                 "model_options": precision.describe(cfg),
@@ -320,16 +331,23 @@ def _teacher(runner: Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
   path = os.path.abspath(path)
   if os.path.exists(path):
     return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
+                                    normalization=runner.data.normalization,
                                     **_model_options(tcfg)), False
   if tcfg.get("checkpoint"):
     raise FileNotFoundError(f"teacher checkpoint {path} (config.teacher.checkpoint) does not "
                             "exist; leave it empty to train a teacher in the workdir.")
   model = create_model(tcfg.model, num_classes=num_classes, seed=int(config.seed) + 1000,
                        **_model_options(tcfg))
-  state, _ = runner.fit_teacher("teacher", model, tcfg, "ce:1")
+  state, history = runner.fit_teacher("teacher", model, tcfg, "ce:1")
   trained = state.model()
-  teachers.save_teacher(path, trained, overwrite=True)  # every process calls it (Orbax syncs)
+  val = [h["accuracy"] for h in history if h.get("split") == "val" and "accuracy" in h]
+  # Every process calls it (Orbax syncs); the fingerprint records what the restore checks.
+  teachers.save_teacher(path, trained, overwrite=True, model_name=tcfg.model,
+                        num_classes=num_classes, model_options=_model_options(tcfg),
+                        normalization=runner.data.normalization,
+                        val_accuracy=val[-1] if val else None)
   return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
+                                  normalization=runner.data.normalization,
                                   **_model_options(tcfg)), True
 
 
@@ -340,14 +358,17 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
     return eps.tolist(), {"selected": False}
   temperature = float((config.get("loss_options", {}) or {}).get("ptloss", {}).get(
       "temperature", 1.0))
-  settings = {"teacher": teacher.path, "seed": int(config.seed), "temperature": temperature,
+  settings = {"teacher": workdir_lib.relative_path(teacher.path, runner.workdir),
+              "seed": int(config.seed), "temperature": temperature,
               "distance": pcfg.get("distance", "l2"),
               **{k: pcfg.get(k) for k in ("order", "num_candidates", "scale")}}
   # The selection depends only on the teacher and these settings: reuse it when resuming.
   cache = os.path.join(runner.workdir, "ptloss_selection.json")
   if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
+    cached = loop.read_json(cache, what="the cached PTLoss selection")
+    if not isinstance(cached, dict) or not {"settings", "epsilon", "info"} <= set(cached):
+      raise ValueError(f"{cache} (the cached PTLoss selection) lacks its 'settings', 'epsilon' "
+                       "or 'info' entry; delete it to select again.")
     if cached.get("settings") == json.loads(json.dumps(settings)):
       return cached["epsilon"], cached["info"]
   from kd_jax import ptloss as ptloss_lib  # pylint: disable=g-import-not-at-top
@@ -373,8 +394,9 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
           "validation": calib}  # at the PTLoss temperature, on the validation split
   epsilon = np.asarray(sel.epsilon).tolist()
   if jax.process_index() == 0:
-    with open(cache, "w") as f:
+    with open(cache + ".tmp", "w") as f:  # written whole or not at all
       json.dump({"settings": settings, "epsilon": epsilon, "info": info}, f, indent=2)
+    os.replace(cache + ".tmp", cache)
   return epsilon, info
 
 
@@ -490,7 +512,8 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   step = make_multi_student_step(
       specs, teacher_graphdef=teacher.graphdef, loss_options=per_method, axis_name=axis,
       sync_batch_norm=sync_bn, teacher_input_key=config.get("teacher_input_key") or None,
-      mixing=Mixing(**{"seed": int(config.seed), **mixing}) if mixing else None)
+      mixing=Mixing(**{"seed": int(config.seed), **mixing}) if mixing else None,
+      nonfinite=config.get("nonfinite", "stop"))
   with_index = any("index" in sub.batch_keys for sub in step.steps.values())
   example = None
   inits = []
@@ -534,7 +557,8 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
               "batch_size": runner.data.batch_size,
               "optimizer": {k: scfg.get(k) for k in ("learning_rate", "momentum", "weight_decay",
                                                      "decay_epochs", "decay_rate")},
-              "teacher": teacher.path, "dataset": runner.data.name,
+              "teacher": workdir_lib.relative_path(teacher.path, runner.workdir),
+              "dataset": runner.data.name,
               "data_seed": int(config.seed),
               "data": dict(config.get("data", {}) or {}),
               **({"sync_batch_norm": True} if sync_bn else {})}
@@ -567,8 +591,13 @@ def distributed_options(config) -> dict[str, Any]:
   return options
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        overwrite: bool = False) -> dict[str, Any]:
   """Runs the experiment described by `config` in `workdir` (resuming what is there).
+
+  The workdir is locked for the run and must hold a run of the same configuration, teacher
+  included (`kd_jax.workdir`); `overwrite=True` empties a workdir of another configuration
+  first.
 
   Returns:
     The results dict also written to `<workdir>/results.json`: the teacher's test accuracy and,
@@ -579,12 +608,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   runner = Runner(config, workdir)
   validate(config, num_classes=runner.data.num_classes)
-  os.makedirs(runner.workdir, exist_ok=True)
+  with workdir_lib.open_workdir(runner.workdir, config, overwrite=overwrite,
+                                primary=jax.process_index() == 0) as resumed:
+    if resumed and runner.progress:
+      print(f"{runner.workdir}: resuming a run of this configuration (finished parts are "
+            "reused)", flush=True)
+    return _run(config, runner)
 
+
+def _run(config, runner: Runner) -> dict[str, Any]:
   teacher, trained = _teacher(runner, config)
   teachers.check_teacher_outputs(
       teacher, runner.data.eval("val"),
       student_num_classes=int(config.student.get("num_classes") or runner.data.num_classes))
+  if not trained and (teacher.fingerprint or {}).get("val_accuracy") is not None:
+    # A restored teacher must reproduce its recorded validation accuracy on this run's data.
+    t_val = runner.eval_fn(teacher.graphdef, "val")(teacher.variables)["accuracy"]
+    teachers.check_teacher_accuracy(
+        teacher, t_val, tolerance=float(config.teacher.get("accuracy_tolerance", 0.02)))
   t_test = runner.eval_fn(teacher.graphdef, "test")(teacher.variables)
 
   options = {k: dict(v) for k, v in dict(config.get("loss_options", {}) or {}).items()}
@@ -612,7 +653,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seeds = seeds_of(config)
   results = {"dataset": config.dataset, "seed": int(config.seed), "seeds": seeds,
              "teacher": {"model": config.teacher.model, "test_accuracy": t_test["accuracy"],
-                         "trained_here": trained, "checkpoint": teacher.path},
+                         "trained_here": trained,
+                         "checkpoint": workdir_lib.relative_path(teacher.path, runner.workdir)},
              "student_model": config.student.model, "methods": {}}
   if eps_info is not None:
     results["ptloss"] = eps_info

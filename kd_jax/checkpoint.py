@@ -5,19 +5,22 @@ nested dicts whose keys are the pytree's own key names (`params/stage1/0/conv1/k
 `opt_state/0/trace/...`, `term_state/crd/memory_s`), so a checkpoint is readable on its own and
 an error can name the array that differs. PRNG keys are stored as their raw key data. Before any
 array is read, `check_arrays` compares the checkpoint's metadata with the target: missing and
-unexpected paths, shapes and dtypes.
+unexpected paths, shapes and dtypes. Orbax and TensorStore do not checksum what they read back,
+so the writers record `array_checksums` (CRC-32 of every array's bytes) beside the arrays and
+`verify_checksums` compares them after a restore: a flipped byte or a truncated file is named.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["abstract_saveable", "check_arrays", "flat_paths", "from_saveable", "key_name", "nest",
-           "to_saveable"]
+__all__ = ["abstract_saveable", "array_checksums", "check_arrays", "flat_paths", "from_saveable",
+           "key_name", "nest", "to_saveable", "verify_checksums"]
 
 
 def key_name(key) -> str:
@@ -102,3 +105,33 @@ def check_arrays(where: str, target, metadata, *, what: str = "checkpoint",
       break
   if problems:
     raise ValueError(f"{where} does not match the {what}{hint}:\n  " + "\n  ".join(problems))
+
+
+def array_checksums(tree) -> dict[str, dict[str, Any]]:
+  """{key path: {"shape", "dtype", "crc32"}} of every array of a nested dict (CRC-32 of the
+  array's bytes in C order)."""
+  out = {}
+  for key, leaf in flat_paths(tree).items():
+    a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    out[key] = {"shape": list(a.shape), "dtype": str(a.dtype),
+                "crc32": zlib.crc32(memoryview(a).cast("B")) & 0xFFFFFFFF}
+  return out
+
+
+def verify_checksums(where: str, recorded: Mapping[str, Any], restored, *,
+                     hint: str = "") -> None:
+  """Raises ValueError naming every array of `restored` whose bytes differ from `recorded`
+  (`array_checksums` at save time), or that the record lists but `restored` lacks."""
+  got = array_checksums(restored)
+  bad = [k for k in sorted(got) if k in recorded and
+         (recorded[k].get("crc32") != got[k]["crc32"] or
+          list(recorded[k].get("shape", got[k]["shape"])) != got[k]["shape"])]
+  missing = sorted(set(recorded) - set(got))
+  if bad or missing:
+    parts = []
+    if bad:
+      parts.append(f"array(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} differ from what was "
+                   "saved (CRC-32 mismatch)")
+    if missing:
+      parts.append(f"array(s) {missing[:8]} recorded at save time were not restored")
+    raise ValueError(f"{where} is corrupt: " + "; ".join(parts) + "." + hint)

@@ -64,7 +64,8 @@ def with_class_centers(teacher: teachers.FrozenTeacher, centers) -> teachers.Fro
   graphdef, params, rest = nnx.split(TeacherWithCenters(inner, centers), nnx.Param, ...)
   return teachers.FrozenTeacher(
       graphdef=graphdef, variables=jax.lax.stop_gradient({"params": params, "batch_stats": rest}),
-      model_name=teacher.model_name, num_classes=teacher.num_classes, path=teacher.path)
+      model_name=teacher.model_name, num_classes=teacher.num_classes, path=teacher.path,
+      fingerprint=teacher.fingerprint)
 
 
 @functools.lru_cache(maxsize=32)

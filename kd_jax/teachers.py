@@ -13,18 +13,29 @@ A teacher ensemble (`ensemble`, `restore_ensemble`) is a `FrozenEnsemble`: its `
 `variables` the members' variables, so it goes wherever one teacher goes
 (`make_train_step(..., teacher_graphdef=ens.graphdef)`, `step(state, batch, ens.variables)`);
 the members may be different architectures, and all of them run inside the same jitted step.
+
+Beside the arrays, `save_teacher` writes a fingerprint, `kd_jax_teacher.json` in the checkpoint
+directory: the CRC-32 of every array's bytes (Orbax and TensorStore do not checksum what they
+read back, so a flipped byte would restore silently), the architecture (model name, class and
+options), the number of classes, the input normalisation and, when known, the teacher's
+validation accuracy. `restore_teacher` verifies it: a corrupted array, another architecture,
+class count, option or normalisation is refused with an error naming the array or the field and
+both values. Checkpoints written without a fingerprint restore with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import math
+import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -33,6 +44,11 @@ from kd_jax import compile_options
 from kd_jax import models
 
 _REQUIRED_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
+FINGERPRINT_FILE = "kd_jax_teacher.json"
+_FINGERPRINT_FORMAT = 1
+# Model options that change the computation but not the trained function (restoring a float32
+# teacher to run in bfloat16 is legitimate).
+_COMPUTE_ONLY_OPTIONS = frozenset({"dtype"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +66,8 @@ class FrozenTeacher:
   model_name: str
   num_classes: int
   path: str | None = None
+  # The verified fingerprint of the checkpoint (`save_teacher`), None when it has none.
+  fingerprint: Mapping[str, Any] | None = None
 
   def __call__(self, x):
     variables = jax.lax.stop_gradient(dict(self.variables))
@@ -63,13 +81,37 @@ def _split(model: nnx.Module):
   return graphdef, params, rest
 
 
-def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool = False) -> str:
-  """Saves a trained model's variables as a teacher checkpoint (Orbax) at `path`.
+def _jsonable(value):
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray) or hasattr(value, "tolist"):
+    return _jsonable(np.asarray(value).tolist())
+  if isinstance(value, (str, int, float, bool)) or value is None:
+    return value
+  return str(value)  # a dtype, a class
+
+
+def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool = False,
+                 model_name: str | None = None, num_classes: int | None = None,
+                 model_options: Mapping[str, Any] | None = None,
+                 normalization: Mapping[str, Any] | None = None,
+                 val_accuracy: float | None = None) -> str:
+  """Saves a trained model's variables as a teacher checkpoint (Orbax) at `path`, with its
+  fingerprint (`kd_jax_teacher.json`: per-array CRC-32 and the fields below).
 
   Args:
     path: the checkpoint directory to create.
     model: the trained NNX model (not a `FrozenTeacher`: restored teachers are never re-saved).
     overwrite: replace an existing checkpoint at `path`.
+    model_name: its name in `kd_jax.models.available()` (recorded and checked on restore).
+    num_classes: its number of classes (recorded and checked on restore).
+    model_options: the options it was created with (`kd_jax.models.create`'s keywords).
+    normalization: how its inputs were normalised, e.g. {"dataset": "digits", "mean": [...],
+      "std": [...]}; a restore that states another normalisation is refused.
+    val_accuracy: its validation accuracy, when known (checked before distillation,
+      `check_teacher_outputs`).
 
   Returns:
     The absolute checkpoint path.
@@ -79,10 +121,72 @@ def save_teacher(path: str | os.PathLike, model: nnx.Module, *, overwrite: bool 
   path = os.path.abspath(os.fspath(path))
   _, params, rest = _split(model)
   tree = {"params": params.to_pure_dict(), "batch_stats": rest.to_pure_dict()}
+  if val_accuracy is not None and not math.isfinite(float(val_accuracy)):
+    raise ValueError(f"val_accuracy must be a finite number, got {val_accuracy}.")
+  fingerprint = {
+      "format": _FINGERPRINT_FORMAT, "model_name": model_name,
+      "model_class": type(model).__name__, "num_classes": num_classes,
+      # None: not stated (then not checked); {} states the model's defaults.
+      "model_options": None if model_options is None else _jsonable(dict(model_options)),
+      "normalization": None if normalization is None else _jsonable(dict(normalization)),
+      "val_accuracy": None if val_accuracy is None else float(val_accuracy),
+      "checksum": "crc32", "arrays": checkpoint.array_checksums(tree)}
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, tree, force=overwrite)
   checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    tmp = os.path.join(path, FINGERPRINT_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(fingerprint, f, indent=1)
+    os.replace(tmp, os.path.join(path, FINGERPRINT_FILE))  # never a half-written fingerprint
   return path
+
+
+def read_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+  """The fingerprint `save_teacher` wrote in the checkpoint `path`, or None when it has none.
+
+  Raises:
+    ValueError: the fingerprint file exists but is not valid JSON of the expected form.
+  """
+  file = os.path.join(os.fspath(path), FINGERPRINT_FILE)
+  if not os.path.exists(file):
+    return None
+  try:
+    with open(file) as f:
+      fp = json.load(f)
+    if not isinstance(fp, dict) or not isinstance(fp.get("arrays"), dict):
+      raise ValueError("no 'arrays' entry")
+  except (ValueError, OSError) as e:
+    raise ValueError(f"teacher checkpoint {path}: its fingerprint {FINGERPRINT_FILE} is "
+                     f"corrupt ({e}); re-save the teacher or delete the file to restore "
+                     "without verification.") from None
+  return fp
+
+
+def _same(a, b) -> bool:
+  """Equality of JSON-like values, floats to a relative 1e-6 (normalisation constants)."""
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+  return a == b
+
+
+def _fingerprint_mismatches(fp: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
+  """'field: checkpoint has X, restoring as Y' for every recorded field that differs."""
+  out = []
+  for field, value in want.items():
+    have = fp.get(field)
+    if have is None or value is None:
+      continue  # not recorded at save time, or not stated now
+    if field == "model_options":
+      have = {k: v for k, v in have.items() if k not in _COMPUTE_ONLY_OPTIONS}
+      value = {k: v for k, v in value.items() if k not in _COMPUTE_ONLY_OPTIONS}
+    if not _same(have, value):
+      out.append(f"{field}: the checkpoint was saved with {have!r}, it is restored as {value!r}")
+  return out
 
 
 def _check_against_metadata(path: str, target: Mapping[str, Any], metadata: Mapping[str, Any]):
@@ -90,27 +194,34 @@ def _check_against_metadata(path: str, target: Mapping[str, Any], metadata: Mapp
 
 
 def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: int,
+                    normalization: Mapping[str, Any] | None = None,
                     **model_options) -> FrozenTeacher:
-  """Restores a teacher saved by `save_teacher` into the model `model_name`.
+  """Restores a teacher saved by `save_teacher` into the model `model_name` and verifies it.
 
   The target is abstract (`nnx.eval_shape` of `kd_jax.models.create(model_name, ...)`), so the
   model is never initialised; every array's key path, shape and dtype is checked against the
-  checkpoint's metadata before any data is read.
+  checkpoint's metadata before any data is read, the fingerprint's architecture, class count,
+  options and normalisation against the arguments, and every restored array's CRC-32 against
+  the one recorded at save time.
 
   Args:
     path: the checkpoint directory.
     model_name: a name from `kd_jax.models.available()`.
     num_classes: the classifier size the teacher was trained with.
+    normalization: the input normalisation this run uses (as given to `save_teacher`), or None
+      to skip that check.
     **model_options: further options of `kd_jax.models.create` (e.g. `dtype`).
 
   Returns:
-    A `FrozenTeacher`.
+    A `FrozenTeacher` (its `fingerprint` holds the verified fingerprint, or None).
 
   Raises:
     FileNotFoundError: `path` does not exist.
     ValueError: `path` is not a complete Orbax checkpoint (names the path and what is missing),
-      or an array is missing, unexpected, or of another shape/dtype (names its key path and both
-      shapes), or the model name is unknown.
+      an array is missing, unexpected, or of another shape/dtype (names its key path and both
+      shapes), the checkpoint was saved from another architecture, class count, options or
+      normalisation (names the field and both values), an array's bytes differ from those saved
+      (names the array), or the model name is unknown.
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(path):
@@ -121,17 +232,33 @@ def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: in
   if absent:
     raise ValueError(f"teacher checkpoint {path} is incomplete (partial or interrupted save?): "
                      f"missing {absent}.")
+  fingerprint = read_fingerprint(path)
   abstract = nnx.eval_shape(lambda: models.create(model_name, num_classes=num_classes,
                                                   rngs=nnx.Rngs(0), **model_options))
+  mismatches = [] if fingerprint is None else _fingerprint_mismatches(fingerprint, {
+      "model_name": model_name, "model_class": type(abstract).__name__,
+      "num_classes": num_classes, "model_options": _jsonable(dict(model_options)),
+      "normalization": None if normalization is None else _jsonable(dict(normalization))})
   graphdef, abs_params, abs_rest = _split(abstract)
   target = {"params": abs_params.to_pure_dict(), "batch_stats": abs_rest.to_pure_dict()}
   checkpointer = ocp.StandardCheckpointer()
   try:
-    metadata = checkpointer.metadata(path).item_metadata.tree
+    item = checkpointer.metadata(path).item_metadata
+    if item is None or getattr(item, "tree", None) is None:
+      raise ValueError("no array metadata could be read")
+    metadata = item.tree
   except Exception as e:  # noqa: BLE001 - orbax raises several types for a broken directory
-    raise ValueError(f"teacher checkpoint {path} cannot be read: {e}") from e
+    raise ValueError(f"teacher checkpoint {path} cannot be read: its _METADATA file is missing "
+                     f"its array entries or corrupt ({type(e).__name__}: {e}).") from None
   metadata = {k: metadata.get(k, {}) or {} for k in set(metadata) | set(target)}
-  _check_against_metadata(path, target, metadata)
+  try:
+    _check_against_metadata(path, target, metadata)
+  except ValueError as e:
+    if not mismatches:
+      raise
+    raise ValueError(_mismatch_message(path, mismatches) + f"\n{e}") from None
+  if mismatches:
+    raise ValueError(_mismatch_message(path, mismatches))
   # Every process reads the whole teacher onto its first local device, whatever the topology it
   # was saved from (another host count, a single-device run); `kd_jax.parallel.replicate` then
   # places it on the mesh.
@@ -143,12 +270,24 @@ def restore_teacher(path: str | os.PathLike, model_name: str, *, num_classes: in
   except Exception as e:  # noqa: BLE001
     raise ValueError(f"teacher checkpoint {path} is corrupt or partial: reading it failed with "
                      f"{type(e).__name__}: {e}") from e
+  if fingerprint is None:
+    warnings.warn(f"teacher checkpoint {path} has no fingerprint ({FINGERPRINT_FILE}, written "
+                  "by save_teacher since it records checksums): its arrays cannot be verified.",
+                  stacklevel=2)
+  else:
+    checkpoint.verify_checksums(f"teacher checkpoint {path}", fingerprint["arrays"], restored,
+                                hint=" Re-train or re-copy the teacher.")
   params, rest = abs_params, abs_rest
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.replace_by_pure_dict(rest, restored["batch_stats"])
   variables = jax.lax.stop_gradient({"params": params, "batch_stats": rest})
   return FrozenTeacher(graphdef=graphdef, variables=variables, model_name=model_name,
-                       num_classes=num_classes, path=path)
+                       num_classes=num_classes, path=path, fingerprint=fingerprint)
+
+
+def _mismatch_message(path: str, mismatches: list[str]) -> str:
+  return (f"teacher checkpoint {path} is not the teacher this run asks for (another "
+          "architecture, class count, options or normalisation):\n  " + "\n  ".join(mismatches))
 
 
 def freeze(model: nnx.Module, *, model_name: str = "", num_classes: int | None = None
@@ -168,14 +307,17 @@ def check_teacher_outputs(teacher: FrozenTeacher, batches: Iterable[Mapping[str,
   """Checks, before training, that the teacher fits the student and gives finite outputs.
 
   Runs the teacher on up to `max_batches` batches and raises if its logits have a different
-  number of classes than the student (mismatched datasets) or if any logit or feature is NaN or
-  infinite (a broken or mismatched checkpoint would otherwise poison every step silently).
+  number of classes than the student (mismatched datasets), if any logit is NaN or +inf or a
+  row of logits is entirely -inf, or if any feature is non-finite (a broken or mismatched
+  checkpoint would otherwise poison every step silently). A -inf logit alone is a masked class
+  (its probability is 0), which every logit loss handles exactly.
 
   Raises:
     ValueError: naming the class counts, or the output and the batch with non-finite values.
   """
   apply = compile_options.jit(lambda v, x: FrozenTeacher(teacher.graphdef, v, teacher.model_name,
                                              teacher.num_classes)(x))
+  where = f"the teacher {teacher.model_name or ''} ({teacher.path or 'in memory'})"
   for i, batch in enumerate(batches):
     if i >= max_batches:
       break
@@ -185,14 +327,44 @@ def check_teacher_outputs(teacher: FrozenTeacher, batches: Iterable[Mapping[str,
           f"teacher/student class mismatch: the teacher {teacher.model_name or ''} predicts "
           f"{logits.shape[-1]} classes but the student has {student_num_classes} (were they "
           "trained on different datasets?).")
-    for name, value in {"logits": logits, **{f"features[{k!r}]": v for k, v in features.items()}
-                        }.items():
+    logits = np.asarray(jax.device_get(logits))
+    rows = np.ones(logits.shape[:-1], bool) if "mask" not in batch else np.asarray(batch["mask"])
+    bad = int(np.sum((np.isnan(logits) | (logits == np.inf)) & rows[..., None]))
+    dead = int(np.sum(np.all(logits == -np.inf, axis=-1) & rows))
+    if bad or dead:
+      what = (f"{bad} non-finite (NaN/+inf) values" if bad
+              else f"{dead} non-finite rows (entirely -inf)")
+      raise ValueError(
+          f"{where} gives {what} in its logits of shape {logits.shape} on batch {i}; refusing "
+          "to distil from it (a corrupt checkpoint, or inputs it was not trained on?).")
+    for name, value in features.items():
       bad = int(jnp.sum(~jnp.isfinite(value)))
       if bad:
         raise ValueError(
-            f"the teacher {teacher.model_name or ''} ({teacher.path or 'in memory'}) gives "
-            f"{bad} non-finite (NaN/inf) values in its {name} of shape {value.shape} on batch "
-            f"{i}; refusing to distil from it.")
+            f"{where} gives {bad} non-finite (NaN/inf) values in its features[{name!r}] of "
+            f"shape {value.shape} on batch {i}; refusing to distil from it.")
+
+
+def check_teacher_accuracy(teacher: FrozenTeacher, accuracy: float, *, tolerance: float = 0.02,
+                           split: str = "validation") -> None:
+  """Checks the teacher's accuracy measured now against the one recorded when it was saved.
+
+  A teacher whose fingerprint records a validation accuracy must reproduce it within
+  `tolerance` (absolute) on this run's validation data: a wrong input normalisation, another
+  dataset or class order, or another teacher would otherwise distil garbage into the students
+  with nothing looking wrong. Without a recorded accuracy nothing is checked.
+
+  Raises:
+    ValueError: naming both accuracies, the tolerance and the checkpoint.
+  """
+  recorded = (teacher.fingerprint or {}).get("val_accuracy")
+  if recorded is None:
+    return
+  if not (math.isfinite(accuracy) and abs(accuracy - recorded) <= tolerance):
+    raise ValueError(
+        f"the teacher {teacher.model_name or ''} ({teacher.path}) scores {accuracy:.4f} on the "
+        f"{split} split but {recorded:.4f} when it was saved (tolerance {tolerance}); wrong "
+        "input normalisation, data or class order, or another teacher? Refusing to distil.")
 
 
 # ------------------------------------------------------------------------------------ ensembles

@@ -73,9 +73,21 @@ def test_main_job_end_to_end_and_resume(tmp_path):
   assert {"kd/loss/ce", "kd/loss/kd", "kd/weight/kd", "kd/loss/kd/0", "kd/loss/kd/1",
           "sp/loss/sp"} <= set(records[0])
 
-  # Restarted in the same workdir (here in-process, on the 8 simulated devices): the teacher is
-  # restored, every run resumes at its last checkpoint (already final) and the results agree.
+  # The whole workdir moved elsewhere, then restarted there (in-process, on the 8 simulated
+  # devices): it stores relative paths, so the teacher is restored (its fingerprint and val
+  # accuracy verified), every run resumes at its last checkpoint (already final), no metric
+  # record is repeated, and the results agree.
+  moved = tmp_path / "moved"
+  os.rename(workdir, moved)
+  workdir = moved
+  # A changed teacher config is refused (before anything trains), unless overwritten.
+  changed = _tiny_config()
+  changed.teacher.num_steps = 41
+  with pytest.raises(ValueError, match=r"another configuration \(teacher.num_steps: 40 -> 41\)"):
+    experiment.run(changed, str(workdir))
   again = experiment.run(_tiny_config(), str(workdir))
+  assert [json.loads(l) for l in open(workdir / "students" / "metrics.jsonl")] == records
+  assert results["teacher"]["checkpoint"] == "teacher/checkpoint"
   assert os.path.exists(workdir / "ptloss_selection.json")  # reused, not recomputed
   assert again["teacher"]["trained_here"] is False
   assert again["teacher"]["test_accuracy"] == results["teacher"]["test_accuracy"]

@@ -101,3 +101,113 @@ def test_check_teacher_outputs(saved):
   bad = teachers.FrozenTeacher(teacher.graphdef, poisoned, "cnn_digits", 10, path)
   with pytest.raises(ValueError, match="non-finite.*logits"):
     teachers.check_teacher_outputs(bad, [batch])
+
+
+# ------------------------------------------------------------------------ integrity (fingerprint)
+
+NORM = {"dataset": "digits", "mean": [0.3], "std": [0.4]}
+
+
+@pytest.fixture(scope="module")
+def fingerprinted(saved, tmp_path_factory):
+  model, _, x = saved
+  path = teachers.save_teacher(tmp_path_factory.mktemp("fp") / "teacher", model,
+                               model_name="cnn_digits", num_classes=10, model_options={},
+                               normalization=NORM, val_accuracy=0.93)
+  return path, x
+
+
+def _copy(path, tmp_path, name="copy"):
+  out = tmp_path / name
+  shutil.copytree(path, out)
+  return out
+
+
+def test_fingerprint_records_the_teacher_and_round_trips(fingerprinted, saved):
+  path, x = fingerprinted
+  fp = teachers.read_fingerprint(path)
+  assert fp["model_name"] == "cnn_digits" and fp["num_classes"] == 10
+  assert fp["model_class"] == "DigitsCNN" and fp["val_accuracy"] == 0.93
+  assert fp["normalization"] == NORM and fp["checksum"] == "crc32"
+  # The recorded CRC-32 is zlib's over the array's C-order bytes (an independent recomputation).
+  import zlib  # pylint: disable=g-import-not-at-top
+  kernel = np.asarray(saved[0].fc.kernel.value)
+  assert fp["arrays"]["params/fc/kernel"]["crc32"] == zlib.crc32(kernel.tobytes())
+  assert fp["arrays"]["params/fc/kernel"]["shape"] == list(kernel.shape)
+  teacher = teachers.restore_teacher(path, "cnn_digits", num_classes=10, normalization=NORM)
+  assert teacher.fingerprint["val_accuracy"] == 0.93
+  np.testing.assert_array_equal(teacher(x)[0], saved[0](x, train=False)[0])
+
+
+def test_flipped_bytes_in_an_array_file_are_refused_naming_the_array(fingerprinted, tmp_path):
+  path, _ = fingerprinted
+  bad = _copy(path, tmp_path)
+  files = [os.path.join(r, f) for r, _, fs in os.walk(bad / "ocdbt.process_0" / "d") for f in fs]
+  biggest = max(files, key=os.path.getsize)  # holds the conv kernels
+  blob = bytearray(open(biggest, "rb").read())
+  blob[len(blob) // 2] ^= 0xFF
+  open(biggest, "wb").write(bytes(blob))
+  with pytest.raises(ValueError, match=r"corrupt: array\(s\) \['params/[\w/]+'\].*CRC-32") as e:
+    teachers.restore_teacher(bad, "cnn_digits", num_classes=10)
+  assert str(bad) in str(e.value)
+
+
+def test_other_architecture_class_count_or_normalisation_names_both(fingerprinted):
+  path, _ = fingerprinted
+  with pytest.raises(ValueError, match=r"model_name: .*'cnn_digits'.*'mlp_digits'") as e:
+    teachers.restore_teacher(path, "mlp_digits", num_classes=10)
+  assert "model_class" in str(e.value) and "missing from the checkpoint" in str(e.value)
+  with pytest.raises(ValueError, match=r"num_classes: the checkpoint was saved with 10, it is "
+                     r"restored as 7") as e:
+    teachers.restore_teacher(path, "cnn_digits", num_classes=7)
+  assert "shape (" in str(e.value)  # the array differences follow
+  with pytest.raises(ValueError, match=r"normalization: .*0\.3.*0\.5"):
+    teachers.restore_teacher(path, "cnn_digits", num_classes=10,
+                             normalization={**NORM, "mean": [0.5]})
+  with pytest.raises(ValueError, match=r"model_options: .*\{\}.*'width': 16"):
+    teachers.restore_teacher(path, "cnn_digits", num_classes=10, width=16)
+
+
+def test_old_checkpoint_without_fingerprint_warns(fingerprinted, tmp_path):
+  old = _copy(fingerprinted[0], tmp_path)
+  os.remove(old / teachers.FINGERPRINT_FILE)
+  with pytest.warns(UserWarning, match="no fingerprint"):
+    teacher = teachers.restore_teacher(old, "cnn_digits", num_classes=10)
+  assert teacher.fingerprint is None
+
+
+def test_broken_metadata_or_fingerprint_is_a_clear_error(fingerprinted, tmp_path):
+  broken = _copy(fingerprinted[0], tmp_path, "meta")
+  (broken / "_METADATA").write_text("{}")
+  with pytest.raises(ValueError, match=f"{broken} cannot be read: its _METADATA"):
+    teachers.restore_teacher(broken, "cnn_digits", num_classes=10)
+  bad_fp = _copy(fingerprinted[0], tmp_path, "fp")
+  (bad_fp / teachers.FINGERPRINT_FILE).write_text('{"arrays": ')
+  with pytest.raises(ValueError, match=f"{bad_fp}: its fingerprint kd_jax_teacher.json is corrupt"):
+    teachers.restore_teacher(bad_fp, "cnn_digits", num_classes=10)
+
+
+def test_recorded_accuracy_is_checked(fingerprinted):
+  teacher = teachers.restore_teacher(fingerprinted[0], "cnn_digits", num_classes=10)
+  teachers.check_teacher_accuracy(teacher, 0.94)  # within the default 0.02
+  with pytest.raises(ValueError, match=r"scores 0\.1000 on the validation split but 0\.9300 "
+                     r"when it was saved \(tolerance 0\.02\).*normalisation"):
+    teachers.check_teacher_accuracy(teacher, 0.1)
+
+
+def test_masked_class_logits_pass_the_sanity_check_nan_and_plus_inf_do_not(saved):
+  model, path, x = saved
+  teacher = teachers.restore_teacher(path, "cnn_digits", num_classes=10)
+  batch = {"image": np.asarray(x)}
+
+  def with_bias(value):
+    bias = teacher.variables["params"]["fc"]["bias"]
+    variables = jax.tree.map(lambda v: v, teacher.variables)
+    variables["params"]["fc"]["bias"] = nnx.Param(bias.get_value().at[3].set(value))
+    return teachers.FrozenTeacher(teacher.graphdef, variables, "cnn_digits", 10, path)
+
+  teachers.check_teacher_outputs(with_bias(-jnp.inf), [batch])  # a masked class is fine
+  for value in (jnp.inf, jnp.nan):
+    with pytest.raises(ValueError,
+                       match=r"gives 16 non-finite \(NaN/\+inf\) values in its logits.*batch 0"):
+      teachers.check_teacher_outputs(with_bias(value), [batch])

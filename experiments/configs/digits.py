@@ -4,7 +4,8 @@ Runs on a fresh machine with no download (scikit-learn's 8x8 digits) in a few mi
 cores:
 
   python -m experiments.main --config=experiments/configs/digits.py --workdir=./workdir/digits
-  python -m experiments.main --config=experiments/configs/digits.py --config.student.num_steps=50
+  python -m experiments.main --config=experiments/configs/digits.py --config.student.num_steps=50 \
+      --workdir=./workdir/digits_50
 
 The other configs start from this one (experiments/configs/mnist1d.py, the main job's default).
 

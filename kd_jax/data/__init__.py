@@ -10,6 +10,7 @@ from kd_jax.data import topk_cache
 from kd_jax.data.augment import cifar_eval_transform
 from kd_jax.data.augment import cifar_train_augment
 from kd_jax.data.augment import compose
+from kd_jax.data.checks import check_split
 from kd_jax.data.digits import DatasetSplits
 from kd_jax.data.digits import load_digits
 from kd_jax.data.mixing import Mixing

@@ -98,19 +98,31 @@ def kl_from_logits(teacher_logits, student_logits, *, axis: int = -1, mask=None)
 
   Entries outside the mask contribute exactly 0. Computed in the inputs' dtype; promote first.
   Without a mask, along the last axis: `sum_k p^t_k ((t_k - s_k) - (lse(t) - lse(s)))`, with
-  the sums as `row_sum`.
+  the sums as `row_sum`. A teacher logit of -inf (a masked class, `p^t_k = 0`) contributes
+  exactly 0, as in the limit `t_k -> -inf`, values and gradients finite (`neg_inf_to_zero`);
+  NaN and +inf stay NaN.
   """
   if mask is None and axis in (-1, jnp.ndim(teacher_logits) - 1):
     pt, lse_t = softmax_and_logsumexp(teacher_logits)
     _, lse_s = softmax_and_logsumexp(student_logits)
-    return row_sum(pt * ((teacher_logits - student_logits) - (lse_t - lse_s)))
+    diff = neg_inf_to_zero(teacher_logits, teacher_logits - student_logits)
+    return row_sum(pt * (diff - (lse_t - lse_s)))
   log_pt = masked_log_softmax(teacher_logits, mask, axis)
   log_ps = masked_log_softmax(student_logits, mask, axis)
   pt = jnp.exp(log_pt)
-  terms = pt * (log_pt - log_ps)
+  terms = pt * neg_inf_to_zero(log_pt, log_pt - log_ps)
   if mask is not None:
     terms = jnp.where(jnp.broadcast_to(mask, terms.shape), terms, 0.0)
   return jnp.sum(terms, axis=axis)
+
+
+def neg_inf_to_zero(teacher_logits, values):
+  """`values` with 0 where `teacher_logits` is -inf (a class of teacher probability 0).
+
+  `p^t_k * (t_k - ...)` is `0 * -inf = NaN` there although its limit is 0; selecting the
+  difference itself (not the product) keeps the backward pass free of `0 * inf` too.
+  """
+  return jnp.where(teacher_logits == -jnp.inf, jnp.zeros_like(values), values)
 
 
 def kl_from_probs(teacher_probs, student_logits, *, axis: int = -1, mask=None):

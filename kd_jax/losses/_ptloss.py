@@ -185,7 +185,8 @@ def _exact_parts(s, t, eps, axis_name=None):
   u = 1.0 - ps
   # KL(p^t || p^s) + sum_m eps_m u^m, with log p^t - log p^s = (t - s) - (lse_t - lse_s) and the
   # polynomial as u * (eps_1 + u * (eps_2 + ...)): `kl_from_logits` fused with the perturbation.
-  a = (t - s) - (lse_t - lse_s) + u * _horner(eps, u)
+  # A -inf teacher logit (p^t_k = 0) gives a_k = 0 there instead of -inf (`neg_inf_to_zero`).
+  a = nm.neg_inf_to_zero(t, t - s) - (lse_t - lse_s) + u * _horner(eps, u)
   return pt, ps, u, a, nm.class_sum(pt * a, axis_name)
 
 

@@ -13,6 +13,8 @@ first, so the layout does not change their value.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -66,7 +68,8 @@ def _flatten_rows(x, where):
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
-  q = jnp.reshape(x, (x.shape[0], -1))
+  # An explicit row size: `-1` cannot be inferred for an empty batch (b = 0).
+  q = jnp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))
   if where is not None:
     q = jnp.where(where[:, None], q, jnp.zeros((), q.dtype))
   return q

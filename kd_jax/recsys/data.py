@@ -33,23 +33,43 @@ def _from_raw_ids(raw_users, raw_items) -> Interactions:
                       len(u_keys), len(i_keys))
 
 
-def read_grouplens(path: str, *, min_rating: float | None = None) -> Interactions:
+# Users and items of the standard GroupLens releases: a file whose counts are these swapped had
+# its user and item columns exchanged.
+_KNOWN_SIZES = {"ml-100k": (943, 1682), "ml-1m": (6040, 3706), "ml-latest-small": (610, 9724),
+                "ml-10m": (69878, 10677)}
+_CSV_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+_RATING_RANGE = (0.5, 5.0)
+
+
+def read_grouplens(path: str, *, min_rating: float | None = None,
+                   duplicates: str = "error") -> Interactions:
   """Reads GroupLens MovieLens ratings as implicit feedback.
 
   Accepts the ML-100k `u.data` (tab separated: user, item, rating, timestamp), the ML-latest
-  `ratings.csv` (header `userId,movieId,rating,timestamp`) and the ML-1M/10M `ratings.dat`
-  (`::` separated), either as the file itself or as the directory holding it.
+  `ratings.csv` (header `userId,movieId,rating,timestamp`, read by column name, so any order
+  works) and the ML-1M/10M `ratings.dat` (`::` separated), either as the file itself or as the
+  directory holding it. Every row is checked: integer user and item ids, a rating in
+  [0.5, 5] (a timestamp or an id there means the columns are shifted), an integer timestamp
+  when present; the counts of users and items are compared with the standard releases' (a file
+  with them swapped had its user and item columns exchanged).
 
   Args:
     path: a ratings file or a directory with one of `u.data`, `ratings.csv`, `ratings.dat`.
     min_rating: if given, keep only ratings >= min_rating (default: every rating counts).
+    duplicates: "error" (default): a repeated (user, item) pair is an error naming both lines
+      (GroupLens files have none, so it means a corrupted or concatenated file); "drop": keep
+      one interaction per pair.
 
   Returns:
     `Interactions` with contiguous ids.
 
   Raises:
-    ValueError: the path does not exist, holds no known ratings file, or is malformed.
+    ValueError: the path does not exist, holds no known ratings file, is empty, or a row is
+      malformed, out of range or repeated (naming the file, the line and the field), or an
+      unexpected CSV header (naming its columns and the expected ones).
   """
+  if duplicates not in ("error", "drop"):
+    raise ValueError(f"duplicates must be 'error' or 'drop', got {duplicates!r}.")
   if not os.path.exists(path):
     raise ValueError(f"GroupLens data path {path!r} does not exist.")
   if os.path.isdir(path):
@@ -62,7 +82,8 @@ def read_grouplens(path: str, *, min_rating: float | None = None) -> Interaction
           f"No GroupLens ratings file (u.data, ratings.csv or ratings.dat) in {path!r}; "
           f"found {sorted(os.listdir(path))[:10]}.")
   name = os.path.basename(path)
-  rows = []
+  columns = (0, 1, 2, 3)  # user, item, rating, timestamp
+  rows, line_nos = [], []
   with open(path, encoding="latin-1") as f:
     for line_no, line in enumerate(f, 1):
       line = line.strip()
@@ -70,27 +91,80 @@ def read_grouplens(path: str, *, min_rating: float | None = None) -> Interaction
         continue
       if name.endswith(".csv"):
         fields = line.split(",")
-        if line_no == 1 and not fields[0].strip().isdigit():
+        if not rows and not fields[0].strip().lstrip("-").isdigit():
+          columns = _csv_columns(path, line_no, [c.strip() for c in fields])
           continue  # header
       elif name.endswith(".dat"):
         fields = line.split("::")
       else:
         fields = line.split("\t")
-      if len(fields) < 3:
+      if len(fields) < 3 or len(fields) > 4:
         raise ValueError(
             f"Malformed GroupLens line {line_no} in {path!r}: expected user, item, rating "
-            f"(and timestamp) fields, got {line[:80]!r}.")
-      try:
-        rows.append((int(fields[0]), int(fields[1]), float(fields[2])))
-      except ValueError as e:
-        raise ValueError(
-            f"Malformed GroupLens line {line_no} in {path!r}: {line[:80]!r} ({e}).") from None
+            f"(and timestamp) fields, got {len(fields)} field(s) in {line[:80]!r}.")
+      rows.append(_parse_row(path, line_no, line, fields, columns))
+      line_nos.append(line_no)
   if not rows:
-    raise ValueError(f"GroupLens file {path!r} holds no ratings.")
+    raise ValueError(f"GroupLens file {path!r} holds no ratings (an empty file?).")
   arr = np.asarray(rows, dtype=np.float64)
+  pairs = arr[:, :2].astype(np.int64)
+  if duplicates == "error":
+    _, first, counts = np.unique(pairs, axis=0, return_index=True, return_counts=True)
+    if np.any(counts > 1):
+      i = first[np.flatnonzero(counts > 1)[0]]
+      again = np.flatnonzero(np.all(pairs == pairs[i], axis=1))
+      raise ValueError(
+          f"GroupLens file {path!r}: the (user, item) pair ({pairs[i, 0]}, {pairs[i, 1]}) "
+          f"appears on lines {[line_nos[j] for j in again[:5]]}; {int(np.sum(counts - 1))} "
+          "repeated pair(s) in all (a corrupted or concatenated file? read_grouplens(..., "
+          "duplicates='drop') keeps one of each).")
+  sizes = (len(np.unique(pairs[:, 0])), len(np.unique(pairs[:, 1])))
+  for release, (nu, ni) in _KNOWN_SIZES.items():
+    if sizes == (ni, nu) and nu != ni:
+      raise ValueError(
+          f"GroupLens file {path!r} has {sizes[0]} users and {sizes[1]} items: the sizes of "
+          f"{release} with the user and item columns swapped ({nu} users, {ni} items).")
   if min_rating is not None:
     arr = arr[arr[:, 2] >= min_rating]
   return _from_raw_ids(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64))
+
+
+def _csv_columns(path: str, line_no: int, header: list[str]) -> tuple[int, ...]:
+  """Column indices of user, item, rating (and timestamp) from a ratings.csv header."""
+  unknown = [c for c in header if c not in _CSV_COLUMNS]
+  missing = [c for c in _CSV_COLUMNS[:3] if c not in header]
+  if unknown or missing or len(set(header)) != len(header):
+    raise ValueError(
+        f"GroupLens file {path!r}, line {line_no}: unexpected header columns {header} "
+        f"(unknown {unknown}, missing {missing}); expected {list(_CSV_COLUMNS)} (timestamp "
+        "optional, any order).")
+  return tuple(header.index(c) if c in header else -1 for c in _CSV_COLUMNS)
+
+
+def _parse_row(path, line_no, line, fields, columns):
+  """(user, item, rating) of one row, each field checked."""
+  where = f"GroupLens line {line_no} in {path!r}"
+  values = []
+  for field, col in zip(("user", "item", "rating", "timestamp"), columns):
+    if col < 0 or col >= len(fields):
+      if field == "timestamp":
+        continue
+      raise ValueError(f"Malformed {where}: no {field} field in {line[:80]!r}.")
+    text = fields[col].strip()
+    try:
+      value = float(text) if field == "rating" else int(text)
+    except ValueError:
+      raise ValueError(f"Malformed {where}: the {field} field {text!r} is not "
+                       f"{'a number' if field == 'rating' else 'an integer'} "
+                       f"({line[:80]!r}).") from None
+    if field == "rating" and not _RATING_RANGE[0] <= value <= _RATING_RANGE[1]:
+      raise ValueError(f"Malformed {where}: the rating {text!r} is outside "
+                       f"[{_RATING_RANGE[0]}, {_RATING_RANGE[1]}] (are the columns shifted or "
+                       f"swapped?) ({line[:80]!r}).")
+    if field in ("user", "item") and value < 0:
+      raise ValueError(f"Malformed {where}: negative {field} id {value} ({line[:80]!r}).")
+    values.append(value)
+  return tuple(values[:3])
 
 
 def load_tfds_movielens(name: str = "movielens/100k-ratings", *, split: str = "train",
@@ -208,7 +282,9 @@ def split_per_user(data: Interactions, *, seed: int = 0, min_interactions: int =
   if not keep_user.any():
     raise ValueError(
         f"No user is left after filtering ({data.num_users} users, {len(data.users)} "
-        f"interactions, min_interactions={min_interactions}).")
+        f"interactions, min_interactions={min_interactions}): every user needs at least "
+        f"{min_interactions} interactions, with train, validation and test items left after "
+        "the split (too few ratings per user, or a truncated ratings file?).")
   user_map = np.cumsum(keep_user) - 1
   item_map = np.cumsum(train_items) - 1
   num_users, num_items = int(keep_user.sum()), int(train_items.sum())

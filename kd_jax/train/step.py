@@ -124,7 +124,8 @@ def make_train_step(loss, *,
                     cached_teacher: str | None = None,
                     sync_batch_norm: bool = False,
                     teacher_input_key: str | None = None,
-                    mixing: Mixing | None = None) -> Callable[..., tuple[TrainState, dict]]:
+                    mixing: Mixing | None = None,
+                    nonfinite: str = "stop") -> Callable[..., tuple[TrainState, dict]]:
   """Builds the per-device step for the weighted sum of loss terms `loss`.
 
   total(step) = sum_k w_k(step) * L_k(student(x), teacher(x), batch), with w_k the term's weight
@@ -155,6 +156,11 @@ def make_train_step(loss, *,
     mixing: a `kd_jax.data.mixing.Mixing` (mixup or CutMix): the step mixes the student's and
       the teacher's inputs with the same draw, keyed by `(mixing.seed, state.step)`, before
       either model runs (function matching; the "ce" term then mixes the labels).
+    nonfinite: the guard against NaN/inf. "stop" (default): metrics["finite"] is 1.0 when the
+      loss and every gradient are finite, else 0.0 (one reduction over the gradients, after
+      their `pmean`), and `kd_jax.train.fit` stops there naming the step and the term;
+      "skip": in addition a non-finite step leaves the state unchanged (the step counter and
+      the rng advance) and `fit` counts it; "off": no check (for timing the check itself).
 
   Returns:
     `step(state, batch, teacher_variables=None) -> (new_state, metrics)`, where metrics hold
@@ -175,6 +181,8 @@ def make_train_step(loss, *,
   terms = parse_terms(loss, loss_options)
   if isinstance(teacher_graphdef, Ensemble) and teacher_graphdef.combine == "per_teacher":
     terms = ensemble_terms.per_teacher_terms(terms, teacher_graphdef.weights)
+  if nonfinite not in NONFINITE_MODES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}.")
   if cached_teacher is not None and teacher_graphdef is not None:
     raise ValueError("pass either teacher_graphdef (run the teacher in the step) or "
                      "cached_teacher (read its outputs from the batch), not both.")
@@ -256,6 +264,12 @@ def make_train_step(loss, *,
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_model_state,
                               opt_state=opt_state, rng=rng, term_params=term_params,
                               term_state={**state.term_state, **new_term_state})
+    if nonfinite != "off":
+      finite = jnp.isfinite(metrics["loss"]) & all_finite(grads)
+      metrics["finite"] = finite.astype(jnp.float32)
+      if nonfinite == "skip":  # the step counter and the rng advance; nothing else changes
+        new_state = new_state.replace(**{f: keep_if(finite, getattr(new_state, f),
+                                                    getattr(state, f)) for f in _UPDATED})
     return new_state, metrics
 
   def init(state: TrainState, batch: Mapping[str, Any], teacher_variables=None, *,
@@ -282,7 +296,25 @@ def make_train_step(loss, *,
   step.update = update
   step.teacher_of = teacher_of
   step.prepare = prepare
+  step.nonfinite = nonfinite
   return step
+
+
+NONFINITE_MODES = ("stop", "skip", "off")
+_UPDATED = ("params", "batch_stats", "opt_state", "term_params", "term_state")
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every float leaf of `tree` is finite: one sum per leaf, added up (a NaN or inf
+  anywhere, or finite values so large that they overflow, make the total non-finite)."""
+  sums = [jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
+
+
+def keep_if(ok, new, old):
+  """`new` where the scalar `ok` holds, else `old`, leaf by leaf (the skip of a bad step)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
@@ -315,7 +347,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             cached_teacher: str | None = None,
                             sync_batch_norm: bool = False,
                             teacher_input_key: str | None = None,
-                            mixing: Mixing | None = None, student_map: str = "vmap"
+                            mixing: Mixing | None = None, student_map: str = "vmap",
+                            nonfinite: str = "stop"
                             ) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
@@ -328,8 +361,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
     teacher_graphdef, axis_name, input_key, cached_teacher, sync_batch_norm, teacher_input_key,
-      mixing: as `make_train_step` (every student sees the same mixed batch, keyed by the step
-      count).
+      mixing, nonfinite: as `make_train_step` (every student sees the same mixed batch, keyed by
+      the step count; each student's "<method>/finite" metric, and skipping, are per student).
     loss_options: {method name: per-term options} (optional).
     student_map: how a method's stacked students are run: "vmap" (one vectorised program) or
       "unroll" (each student traced in turn, the same program as a single run, repeated). On
@@ -352,7 +385,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                                  loss_options=loss_options.get(name), axis_name=axis_name,
                                  input_key=input_key, cached_teacher=cached_teacher,
                                  sync_batch_norm=sync_batch_norm,
-                                 teacher_input_key=teacher_input_key, mixing=mixing)
+                                 teacher_input_key=teacher_input_key, mixing=mixing,
+                                 nonfinite=nonfinite)
            for name, spec in methods.items()}
   if not steps:
     raise ValueError("make_multi_student_step needs at least one method.")
@@ -378,4 +412,5 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
     return new_states, metrics
 
   step.steps = steps
+  step.nonfinite = nonfinite
   return step

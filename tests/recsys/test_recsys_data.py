@@ -13,7 +13,9 @@ def _write(path, text):
 
 def test_read_u_data_tab_separated(tmp_path):
   _write(tmp_path / "u.data", "10\t7\t5\t1\n10\t8\t3\t2\n20\t7\t4\t3\n10\t7\t1\t4\n")
-  d = data.read_grouplens(str(tmp_path))  # the directory form
+  with pytest.raises(ValueError, match=r"pair \(10, 7\) appears on lines \[1, 4\]"):
+    data.read_grouplens(str(tmp_path))
+  d = data.read_grouplens(str(tmp_path), duplicates="drop")  # the directory form
   assert (d.num_users, d.num_items) == (2, 2)
   pairs = sorted(zip(d.users.tolist(), d.items.tolist()))
   assert pairs == [(0, 0), (0, 1), (1, 0)]  # duplicate (10, 7) removed, ids contiguous
@@ -39,6 +41,49 @@ def test_reader_errors_name_the_path(tmp_path):
     data.read_grouplens(str(tmp_path))
   bad = _write(tmp_path / "u.data", "1\t2\t3\t4\nthis is not a rating\n")
   with pytest.raises(ValueError, match="line 2"):
+    data.read_grouplens(bad)
+
+
+def test_every_bad_file_or_row_is_named(tmp_path):
+  empty = _write(tmp_path / "u.data", "\n")
+  with pytest.raises(ValueError, match=f"{empty}.*holds no ratings"):
+    data.read_grouplens(empty)
+  cases = {
+      "1\t2\t4\n1\t3": r"line 2 .*got 2 field\(s\)",
+      "1\t2\t4\t5\t6\n": r"line 1 .*got 5 field\(s\)",
+      "1\tx7\t4\t5\n": r"line 1 .*the item field 'x7' is not an integer",
+      "1\t7\t4\t5\n1\t8\t881250949\t3\n": r"line 2 .*rating '881250949' is outside \[0.5, 5",
+      "1\t7\tgood\n": r"line 1 .*rating field 'good' is not a number",
+      "-1\t7\t4\n": r"line 1 .*negative user id -1",
+  }
+  for text, match in cases.items():
+    path = _write(tmp_path / "u.data", text)
+    with pytest.raises(ValueError, match=f"GroupLens {match}") as e:
+      data.read_grouplens(path)
+    assert path in str(e.value)
+  with pytest.raises(ValueError, match=r"unexpected header columns \['user', 'movieId', "
+                     r"'rating'\].*unknown \['user'\], missing \['userId'\]"):
+    data.read_grouplens(_write(tmp_path / "ratings.csv", "user,movieId,rating\n1,2,3\n"))
+
+
+def test_csv_columns_are_read_by_header_name(tmp_path):
+  ordered = data.read_grouplens(_write(tmp_path / "ratings.csv", "userId,movieId,rating\n"
+                                       "1,10,4\n1,11,3\n2,10,5\n"))
+  sub = tmp_path / "b"
+  sub.mkdir()
+  shuffled = data.read_grouplens(_write(sub / "ratings.csv", "movieId,rating,userId\n"
+                                        "10,4,1\n11,3,1\n10,5,2\n"))
+  assert (shuffled.num_users, shuffled.num_items) == (2, 2)
+  np.testing.assert_array_equal(shuffled.users, ordered.users)
+  np.testing.assert_array_equal(shuffled.items, ordered.items)
+
+
+def test_swapped_user_and_item_columns_of_a_known_release_are_refused(tmp_path):
+  # 1682 "users" and 943 "items": ML-100k's sizes exchanged (a generated file, no real data).
+  rows = [f"{u}\t{1 + u % 943}\t3\t1" for u in range(1, 1683)]
+  bad = _write(tmp_path / "u.data", "\n".join(rows) + "\n")
+  with pytest.raises(ValueError, match=r"1682 users and 943 items.*ml-100k with the user and "
+                     r"item columns swapped"):
     data.read_grouplens(bad)
 
 
@@ -92,3 +137,10 @@ def test_split_filtering_rules():
   assert 0 not in kept and 3 not in kept  # too few interactions / held-out items unseen
   n_valid = s.counts("valid")
   assert (n_valid > 0).all() and (s.counts("test") > 0).all()
+
+
+def test_no_user_left_after_filtering_names_the_rule():
+  tiny = data.Interactions(np.array([0, 0, 1], np.int32), np.array([0, 1, 0], np.int32), 2, 2)
+  with pytest.raises(ValueError, match=r"No user is left after filtering \(2 users, 3 "
+                     r"interactions, min_interactions=5\): every user needs at least 5"):
+    data.split_per_user(tiny)
