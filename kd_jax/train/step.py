@@ -186,6 +186,9 @@ def make_train_step(loss, *,
   if cached_teacher is not None and teacher_graphdef is not None:
     raise ValueError("pass either teacher_graphdef (run the teacher in the step) or "
                      "cached_teacher (read its outputs from the batch), not both.")
+  if mixing is not None and cached_teacher is not None:
+    raise ValueError("mixing needs the teacher in the step: cached teacher outputs belong to the "
+                     "unmixed inputs (function matching gives both models the same mixed batch).")
   if needs_teacher(terms) and teacher_graphdef is None and cached_teacher is None:
     raise ValueError(f"the loss {', '.join(map(str, terms))} needs a teacher "
                      "(teacher_graphdef is None and no cached_teacher).")
@@ -207,8 +210,7 @@ def make_train_step(loss, *,
     """The batch both models read at `step_count`: mixed when `mixing` is set."""
     if mixing is None:
       return batch
-    keys = [input_key] + ([teacher_input_key] if teacher_input_key and cached_teacher is None
-                          else [])
+    keys = [input_key] + ([teacher_input_key] if teacher_input_key else [])
     return mixing_lib.mix_batch(batch, mixing, step=step_count, keys=keys)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], teacher_variables=None):

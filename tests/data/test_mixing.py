@@ -123,3 +123,5 @@ def test_step_gives_teacher_and_student_the_same_mixed_batch():
   kd = 4.0 * np.mean(np.sum(np.exp(lt) * (lt - ls2), -1))
   np.testing.assert_allclose(metrics["loss/ce"], ce, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss/kd"], kd, rtol=1e-4)
+  with pytest.raises(ValueError, match="mixing needs the teacher in the step"):
+    make_train_step("ce:0.1,kd:0.9", cached_teacher="teacher_", mixing=m, axis_name=None)
