@@ -585,17 +585,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     parallel.initialize_distributed(**distributed_options(config))
   for who in ("teacher", "student"):
     precision.check(config[who], who)
+  _check_settings(config)  # before the workdir is touched
   with workdir_lib.open_workdir(os.path.abspath(workdir), config, overwrite=overwrite,
                                 primary=jax.process_index() == 0):
     return _run(config, workdir)
 
 
+def _check_settings(config) -> None:
+  presets = settings(config)
+  unknown = [s for s in config.settings if s not in presets]
+  if unknown:
+    raise ValueError(f"unknown setting(s) {unknown}; this config knows {sorted(presets)}.")
+
+
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   presets = settings(config)
   names = list(config.settings)
-  unknown = [s for s in names if s not in presets]
-  if unknown:
-    raise ValueError(f"unknown setting(s) {unknown}; this config knows {sorted(presets)}.")
   seeds = [int(s) for s in (config.get("seeds") or (config.seed,))]
   runs = [run_setting(config, presets[name], os.path.join(workdir, name, f"seed_{seed}"),
                       seed=seed)
