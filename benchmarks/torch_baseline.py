@@ -33,7 +33,7 @@ import torch_models  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from torch.nn import functional as F  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-MODES = ("kd", "student", "teacher")
+MODES = ("kd", "student", "teacher", "study")
 
 
 def distill_kl(s_logits, t_logits, temperature: float):
@@ -45,14 +45,27 @@ def distill_kl(s_logits, t_logits, temperature: float):
 
 def build_step(teacher: str, student: str, batch: int, mode: str = "kd", num_classes: int = 100,
                seed: int = 0, channels_last: bool = False, device: str = "cpu",
-               amp: str | None = None):
+               amp: str | None = None, temperatures=(4.0,), num_seeds: int = 1):
   """Returns a zero-argument callable that performs one step of `mode` on a fixed batch.
 
   `device`: "cpu" or e.g. "cuda" (the step then waits for the device before returning);
   `amp`: None (float32) or "bfloat16" (`torch.autocast`: bfloat16 compute, float32 weights).
+  Mode "study": len(temperatures) x num_seeds students (each its own network and optimizer,
+  CE 0.1 + KD 0.9 at its temperature), one KD step each, one after another, each with its own
+  teacher forward: one step of as many separate RepDistiller runs.
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mode == "study":
+    steps = [build_step(teacher, student, batch, "kd", num_classes, seed + 10 * i + j,
+                        channels_last, device, amp, temperatures=(t,))
+             for i, t in enumerate(temperatures) for j in range(num_seeds)]
+
+    def study_step():
+      for one in steps:
+        one()
+    return study_step
+  temperature = float(temperatures[0])
   torch.manual_seed(seed)
   dev = torch.device(device)
   x = torch.randn(batch, 3, 32, 32)
@@ -84,7 +97,7 @@ def build_step(teacher: str, student: str, batch: int, mode: str = "kd", num_cla
       s_logits = s_logits.float()
       loss = F.cross_entropy(s_logits, y)
       if mode == "kd":
-        loss = 0.1 * loss + 0.9 * distill_kl(s_logits, t_logits.float(), 4.0)
+        loss = 0.1 * loss + 0.9 * distill_kl(s_logits, t_logits.float(), temperature)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -144,7 +157,7 @@ def main(argv=None):
   teacher, student = args.pair.split(":")
   print(_timing.machine_line())
   print(f"torch {torch.__version__}, threads {args.threads}, {args.pair}, batch {args.batch}")
-  modes = MODES if args.mode == "all" else (args.mode,)
+  modes = MODES[:3] if args.mode == "all" else (args.mode,)
   cs = []
   for mode in modes:
     step = build_step(teacher, student, args.batch, mode, channels_last=args.channels_last)
