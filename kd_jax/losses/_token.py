@@ -28,7 +28,12 @@ Vocabulary sharding. With `vocab_axis` (a mesh axis name; inside `jax.shard_map`
 axis of both logits sharded over it) the log-softmax normaliser is computed from per-shard
 statistics, `pmax` of the shard maxima and `psum` of the shard sums of `exp`, and each divergence
 is a `psum` of per-shard partial sums: the `[batch, tokens, vocab]` logits are never gathered, and
-the result (replicated over `vocab_axis`) equals the unsharded loss. Every function validates its
+the result (replicated over `vocab_axis`) equals the unsharded loss.
+
+A teacher logit of -inf (a vocabulary entry the teacher rules out, p^t_v = 0) contributes
+exactly 0 to `forward_kl`, `generalized_jsd` and `total_variation`, values and gradients finite
+(the t_v -> -inf limit, `nm.neg_inf_to_zero`); `reverse_kl` is then +inf wherever the student
+puts mass on that entry, which is its value. Every function validates its
 inputs in Python and then runs a jitted core, which is inlined inside a jitted step.
 """
 
@@ -201,11 +206,12 @@ def _token_loss(student_logits, teacher_logits, temperature, where, *, kind, bet
   else:
     log_ps, log_pt = s - lse_s, t - lse_t
     if kind == "forward_kl":
-      terms = pt * (log_pt - log_ps)
+      terms = pt * nm.neg_inf_to_zero(t, log_pt - log_ps)
     elif kind == "reverse_kl":
       terms = ps * (log_ps - log_pt)
     else:  # 0 < beta < 1: log m = log((1 - beta) p^s + beta p^t)
       log_m = jnp.logaddexp(log_ps + jnp.log1p(-beta), log_pt + jnp.log(beta))
-      terms = beta * pt * (log_pt - log_m) + (1.0 - beta) * ps * (log_ps - log_m)
+      terms = (beta * pt * nm.neg_inf_to_zero(t, log_pt - log_m)
+               + (1.0 - beta) * ps * (log_ps - log_m))
   loss = nm.class_sum(terms, vocab_axis)
   return _reduce(loss, where, reduction)

@@ -177,6 +177,29 @@ def test_numerics_contract(name):
     np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=1e-2, atol=1e-2 * np.abs(w).max())
 
 
+def test_a_minus_inf_teacher_logit_is_a_class_of_probability_zero():
+  # The t -> -inf limit: the same loss as on the remaining classes (values and gradients), for
+  # the losses where it is finite; reverse KL is +inf (the student has mass there).
+  rng = np.random.default_rng(2)
+  s = rng.standard_normal((2, 3, 7)).astype(np.float32)
+  t = rng.standard_normal((2, 3, 7)).astype(np.float32)
+  t[:, :, 2] = -np.inf
+  keep = np.arange(7) != 2
+  for name in ("forward_kl", "jsd", "jsd_skew", "tv"):
+    fn = LOSSES[name]
+    value_and_grad = jax.value_and_grad(lambda s, t: fn(s, t, reduction="mean"), argnums=(0, 1))
+    value, (gs, gt) = value_and_grad(s, t)
+    assert np.all(np.isfinite(gs)) and np.all(np.isfinite(gt)), name
+    # Removing the class from both sides is not the same (the student keeps its mass there),
+    # so compare with a finite, very negative teacher logit instead.
+    t_far = np.where(keep, t, -1e4).astype(np.float32)
+    want, (ws, wt) = value_and_grad(s, t_far)
+    np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(gs, ws, rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(gt[..., keep], wt[..., keep], rtol=1e-5, atol=1e-7, err_msg=name)
+  assert np.all(np.isposinf(np.asarray(losses.reverse_kl(s, t))))
+
+
 def test_bad_inputs_are_named():
   s = jnp.zeros((2, 3, 5))
   with pytest.raises(ValueError, match="class mismatch"):
