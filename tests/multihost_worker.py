@@ -109,8 +109,10 @@ def main():
                                                   os.path.join(args.workdir, "student_init"))
   mesh = parallel.make_mesh()
   seen = {}  # step -> this host's example indices
+  starts = []  # the first step of every data stream fit asked for
 
   def host_batches(start):
+    starts.append(start)
     shards = dict(num_shards=jax.process_count(), shard_index=jax.process_index())
     for s, b in enumerate(train_batches(start, **shards), start=start):
       seen[s] = b["index"]
@@ -125,7 +127,7 @@ def main():
   except loop.StopTraining:
     pass
   final, history = loop.fit(state, step, host_batches, **run)  # resumes at step STOP
-  assert history[0]["step"] == STOP + 1, history[0]
+  assert starts == [0, STOP], starts  # the second run restored the checkpoint of step STOP
 
   gathered = []
   for s in range(STEPS):
