@@ -124,6 +124,14 @@ def _few_labels(c: ml_collections.ConfigDict, *, transfer: bool) -> None:
   c.eval_every_epochs = 50     # 2 labelled batches per epoch: every 100 steps
   c.student.num_steps = 600
   c.student.decay_epochs = (200, 250)  # epochs of the 100-image labelled set
+  seed_table_methods(c)
+
+
+def seed_table_methods(c: ml_collections.ConfigDict) -> None:
+  """The multi-seed table's methods (also MNIST-1D's): the student alone; KD at T = 4; PTLoss at
+  the same T with weight 0.9 T^2 = 14.4, so that epsilon = 0 is the KD row, its coefficients
+  selected with the squared L2 (Brier) score; SP on the penultimate features with its weight
+  chosen on validation from 300 / 3000 / 30000; PTLoss compared with KD in pairs."""
   c.methods = ml_collections.ConfigDict({
       "student": "ce:1",
       "kd": "ce:0.1,kd:0.9",
@@ -134,8 +142,8 @@ def _few_labels(c: ml_collections.ConfigDict, *, transfer: bool) -> None:
   })
   c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000")
   c.select_on_val = ml_collections.ConfigDict({"sp": ("sp_300", "sp_3000", "sp_30000")})
-  c.compare = (("ptloss", "kd"),)
-  c.ptloss.distance = "sq_l2"
+  c.compare = (("ptloss", "kd"),)  # PTLoss against KD at the same T (epsilon = 0 is KD)
+  c.ptloss.distance = "sq_l2"  # a proper score (docs/ptloss.md: the paper's l2 rewards sharpening)
   c.loss_options = ml_collections.ConfigDict({
       "kd": {"temperature": 4.0},
       "ptloss": {"temperature": 4.0},

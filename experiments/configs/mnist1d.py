@@ -56,30 +56,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cfg.num_epochs = 30
     cfg.decay_epochs = ()
 
-  c.methods = ml_collections.ConfigDict({
-      "student": "ce:1",
-      "kd": "ce:0.1,kd:0.9",
-      "ptloss": "ce:0.1,ptloss:14.4",
-      "sp_300": "ce:1,sp:300",
-      "sp_3000": "ce:1,sp:3000",
-      "sp_30000": "ce:1,sp:30000",
-      "refilled_1": "ce:1,refilled_classifier:1",
-      "refilled_10": "ce:1,refilled_classifier:10",
-      "refilled_100": "ce:1,refilled_classifier:100",
-  })
-  c.method_order = ("student", "kd", "ptloss", "sp_300", "sp_3000", "sp_30000", "refilled_1",
-                    "refilled_10", "refilled_100")
-  c.select_on_val = ml_collections.ConfigDict({
-      "sp": ("sp_300", "sp_3000", "sp_30000"),
-      "refilled": ("refilled_1", "refilled_10", "refilled_100")})
-  c.compare = (("ptloss", "kd"),)  # PTLoss against KD at the same T (epsilon = 0 is KD)
-  c.ptloss.distance = "sq_l2"  # a proper score (docs/ptloss.md: the paper's l2 rewards sharpening)
-  c.loss_options = ml_collections.ConfigDict({
-      "kd": {"temperature": 4.0},
-      "ptloss": {"temperature": 4.0},
-      "sp": {"feature": "pre_pool", "all_gather": False},
-      "refilled_classifier": {"temperature": 2.0, "centers": "global"},
-  })
+  digits.seed_table_methods(c)
+  refilled = {f"refilled_{lam}": f"ce:1,refilled_classifier:{lam}" for lam in (1, 10, 100)}
+  c.methods.update(refilled)
+  c.method_order = c.method_order + tuple(refilled)
+  c.select_on_val.refilled = tuple(refilled)
+  c.loss_options.refilled_classifier = {"temperature": 2.0, "centers": "global"}
   if arg == "transfer":  # KD with 20,000 unlabelled signals the teacher labels
     c.data.transfer_samples = 20000
   elif arg == "narrow":  # the 310-parameter CNN student (width 3, 80 epochs at lr 0.1)

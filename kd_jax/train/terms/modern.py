@@ -12,11 +12,7 @@ import dataclasses
 
 from kd_jax import losses
 from kd_jax.train.terms._base import LossTerm, gather_axis, masked_mean, register_term
-
-
-def _positive(term: str, name: str, value) -> None:
-  if not value > 0:
-    raise ValueError(f"loss term {term!r}: {name} must be > 0, got {value}.")
+from kd_jax.train.terms.logit import _positive  # the one temperature check of the logit terms
 
 
 @register_term("ls_kd")
