@@ -42,6 +42,7 @@ ABLATION = "HetComp w/o curriculum (ablation)"
 RRD = "RRD on the converged ensemble"
 HETCOMP = "HetComp"
 NUM_STAGES = 4
+DISTILLED = ("ablation", "rrd", "hetcomp", "rerank", "weight")  # config.methods' names
 
 
 def stage_label(v: int) -> str:
@@ -174,14 +175,29 @@ def distill_configs(config, seed):
   over = {k: config[k] for k in ("period_steps", "eval_every_steps", "patience_steps",
                                  "max_steps") if config[k] is not None}
   base = dataclasses.replace(base, rrd_lambda=config.rrd_lambda, rrd_k=config.rrd_k,
-                             rrd_l=config.rrd_l, **over)
-  runs = [(ABLATION, dataclasses.replace(base, method="all_at_once")),
-          (RRD, dataclasses.replace(base, method="rrd")),
-          (HETCOMP, base)]
+                             rrd_l=config.rrd_l, dim=config.student_dim, **over)
+  runs = {"ablation": (ABLATION, dataclasses.replace(base, method="all_at_once")),
+          "rrd": (RRD, dataclasses.replace(base, method="rrd")),
+          "hetcomp": (HETCOMP, base)}
   if config.debias:
-    runs += [("HetComp + dissensus rerank (ours)", dataclasses.replace(base, debias="rerank")),
-             ("HetComp + dissensus weight (ours)", dataclasses.replace(base, debias="weight"))]
-  return runs
+    for name in ("rerank", "weight"):
+      runs[name] = (f"HetComp + dissensus {name} (ours)",
+                    dataclasses.replace(base, debias=name))
+  return [runs[k] for k in _methods(config, runs)]
+
+
+def _methods(config, runs) -> list[str]:
+  """The keys of `runs` named by `config.methods` ("": all), in the table's order."""
+  if not config.methods:
+    return list(runs)
+  names = [m.strip() for m in config.methods.split(",") if m.strip()]
+  unknown = [m for m in names if m not in DISTILLED]
+  if unknown:
+    raise ConfigError(f"config.methods: unknown {unknown}; choose from {', '.join(DISTILLED)}")
+  missing = [m for m in names if m not in runs]
+  if missing:
+    raise ConfigError(f"config.methods {missing} need config.debias=True")
+  return [k for k in runs if k in names]
 
 
 def stage_scorer(know, v: int):
@@ -231,9 +247,9 @@ def run_seed(inter, seed, workdir, config, bar):
     results[TEACHER_LABELS[name]] = measure(scorers[-1][-1], trajectory_epochs=traj.epochs)
     bar.update(1)
 
-  # Student alone: BPR on MF(dim 6); its best validation epoch is reported.
+  # Student alone: BPR on MF(config.student_dim); its best validation epoch is reported.
   note("student alone (BPR)")
-  bspec = student.bpr_student_spec(epochs=8 if config.quick else 64)
+  bspec = student.bpr_student_spec(dim=config.student_dim, epochs=8 if config.quick else 64)
   traj = teachers.train_teacher("mf", split, os.path.join(workdir, f"seed{seed}", "student"),
                                 seed=seed, spec=bspec, ctx=ctx, progress=note,
                                 select="validation", fractions=(0.5,))
@@ -303,6 +319,8 @@ def run(config, workdir: str = ""):
     raise ConfigError("config.data_dir is required (a directory with u.data / ratings.csv / "
                      "ratings.dat, e.g. --config.data_dir=../shared/data/ml-100k)")
   _fractions(config.quality_fractions)
+  if config.student_dim < 1:
+    raise ConfigError(f"config.student_dim must be >= 1, got {config.student_dim}")
   inter = _load(config.data_dir)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   seed_ids = ([int(x) for x in config.seed_list.split(",")] if config.seed_list

@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   #                                  validation, docs/hetcomp.md)
   c.rrd_k = 40                     # RRD: interesting items (the ensemble's top rrd_k)
   c.rrd_l = 40                     # RRD: uninteresting items sampled per user and step
+  c.student_dim = 6                # embedding size of the MF student (teachers: 64 / 200)
+  c.methods = ""                   # comma-separated subset of the distilled rows to run:
+  #                                  ablation, rrd, hetcomp, rerank, weight ("": all of them)
   c.debias = True                  # also run our two dissensus debiasing variants of HetComp
   c.split_seed = 0                 # seed of the 60/20/20 split (fixed; the seeds vary the models)
   c.official_batching = False      # official 1024-interaction batches at lr 1e-3 (slow on CPU)

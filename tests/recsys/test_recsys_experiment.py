@@ -20,8 +20,8 @@ def test_config_defaults_and_the_runs_they_give():
   want = {"data_dir": "", "out": "", "seeds": 5, "seed_list": "", "merge": "", "quick": False,
           "period_steps": None, "eval_every_steps": None, "patience_steps": None,
           "max_steps": None, "trajectory": "validation", "quality_fractions": "0.8,0.9,0.95",
-          "rrd_lambda": 0.1, "rrd_k": 40, "rrd_l": 40, "debias": True, "split_seed": 0,
-          "official_batching": False}
+          "rrd_lambda": 0.1, "rrd_k": 40, "rrd_l": 40, "student_dim": 6, "methods": "",
+          "debias": True, "split_seed": 0, "official_batching": False}
   assert c.to_dict() == want
   runs = dict(hetcomp.distill_configs(c, seed=3))
   assert list(runs)[:3] == [hetcomp.ABLATION, hetcomp.RRD, hetcomp.HETCOMP] and len(runs) == 5
@@ -34,6 +34,21 @@ def test_config_defaults_and_the_runs_they_give():
   c.max_steps, c.debias = 9000, False
   runs = dict(hetcomp.distill_configs(c, seed=0))
   assert len(runs) == 3 and all(r.max_steps == 9000 for r in runs.values())
+  assert all(r.dim == 6 for r in runs.values())
+
+
+def test_a_subset_of_the_distilled_rows_and_the_student_size():
+  c = hetcomp_config.get_config()
+  c.methods, c.student_dim = "hetcomp, rrd", 2
+  runs = hetcomp.distill_configs(c, seed=0)
+  assert [label for label, _ in runs] == [hetcomp.RRD, hetcomp.HETCOMP]  # the table's order
+  assert all(cfg.dim == 2 for _, cfg in runs)
+  c.methods = "hetcomp,rrdd"
+  with pytest.raises(hetcomp.ConfigError, match=r"unknown \['rrdd'\]"):
+    hetcomp.distill_configs(c, seed=0)
+  c.methods, c.debias = "weight", False
+  with pytest.raises(hetcomp.ConfigError, match="need config.debias=True"):
+    hetcomp.distill_configs(c, seed=0)
 
 
 def test_missing_or_malformed_data_path_is_a_clear_error(tmp_path):
