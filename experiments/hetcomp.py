@@ -285,8 +285,14 @@ def _collect(per_seed, order, res):
 
 
 def merge(paths, out=None):
-  """Combines results.json files of disjoint seeds into one table (per-seed values kept)."""
-  per_seed, order = {}, []
+  """Combines results.json files into one table (per-seed values kept).
+
+  Files may overlap: a method's record for a seed that an earlier file already gave is dropped
+  when it is equal (runs of one seed share their teachers, student alone and ensembles bit for
+  bit, e.g. a `config.methods` run beside a full one) and is a `ConfigError` when it differs
+  (two settings of one method under one label would be averaged as if they were seeds).
+  """
+  per_seed, order, seen = {}, [], {}
   for path in paths:
     with open(path) as f:
       blob = json.load(f)
@@ -294,7 +300,16 @@ def merge(paths, out=None):
       if r["method"] not in per_seed:
         order.append(r["method"])
         per_seed[r["method"]] = []
-      per_seed[r["method"]].extend(r.get("per_seed") or [{m: r[m] for m in METRICS}])
+      for rec in r.get("per_seed") or [{m: r[m] for m in METRICS}]:
+        key = (r["method"], rec.get("seed"))
+        if key[1] is not None and key in seen:
+          if seen[key][0] != rec:
+            raise ConfigError(f"config.merge: {r['method']!r} seed {key[1]} differs between "
+                              f"{seen[key][1]} and {path} (different settings under one "
+                              f"label)")
+          continue
+        seen[key] = (rec, path)
+        per_seed[r["method"]].append(rec)
   records = summarize({k: per_seed[k] for k in order})
   pairs = paired(records)
   n = records[0]["seeds"]

@@ -108,6 +108,26 @@ def test_summary_spread_and_merge(tmp_path):
   assert set(hetcomp.METRICS) <= set(blob["records"][0])
 
 
+def test_merge_drops_repeated_seeds_and_refuses_conflicting_ones(tmp_path):
+  def write(name, rows):
+    hetcomp._write(str(tmp_path / name), 1, False, 1.0, hetcomp.summarize(rows))
+    return str(tmp_path / name / "results.json")
+
+  def rec(v, seed):
+    return dict(dict.fromkeys(hetcomp.METRICS, v), seed=seed)
+
+  # seed 0's student appears in both files (equal): counted once; RRD only in the second.
+  a = write("a", {hetcomp.STUDENT: [rec(0.4, 0), rec(0.6, 1)]})
+  b = write("b", {hetcomp.STUDENT: [rec(0.4, 0)], hetcomp.RRD: [rec(0.5, 0)]})
+  merged = {r["method"]: r for r in hetcomp.merge([a, b])}
+  assert merged[hetcomp.STUDENT]["seeds"] == 2
+  assert merged[hetcomp.STUDENT]["recall@50"] == pytest.approx(0.5)
+  assert merged[hetcomp.RRD]["seeds"] == 1
+  c = write("c", {hetcomp.STUDENT: [rec(0.45, 0)]})
+  with pytest.raises(hetcomp.ConfigError, match="'Student alone \\(BPR\\)' seed 0 differs"):
+    hetcomp.merge([a, c])
+
+
 def test_paired_differences_by_seed_and_capped_label():
   # seeds listed in different orders: differences are paired by seed, not by position
   def rows(vals, seeds, capped=False):
