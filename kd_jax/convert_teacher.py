@@ -114,8 +114,8 @@ def torch_logits(module, state_dict: Mapping[str, Any], x_nchw: np.ndarray) -> n
 def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
   """How closely two [N, K] logit arrays agree.
 
-  max_abs_diff = max |ours - theirs|; max_logit = max |theirs|; scale = max(1, max_logit);
-  relative = max_abs_diff / scale; top1 = fraction of rows whose argmax is the same.
+  `max_abs_diff = max |ours - theirs|`; `max_logit = max |theirs|`; `scale = max(1, max_logit)`;
+  `relative = max_abs_diff / scale`; `top1` = fraction of rows whose argmax is the same.
   """
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
   if ours.shape != theirs.shape:

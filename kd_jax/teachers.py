@@ -428,7 +428,7 @@ class Ensemble:
 @dataclasses.dataclass(frozen=True)
 class FrozenEnsemble:
   """Restored or frozen teachers as one teacher: `graphdef` is an `Ensemble`, `variables` the
-  members' frozen variables (a tuple), `members` the `FrozenTeacher`s."""
+  members' frozen variables (a tuple), `members` the `FrozenTeacher` objects."""
 
   graphdef: Ensemble
   variables: tuple

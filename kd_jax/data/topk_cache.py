@@ -11,7 +11,7 @@ opens the cache, checks it, and `TopKCache.lookup` is the `extras` hook of `batc
 batch carries `teacher_topk_logits`, `teacher_topk_indices` and `teacher_topk_tail_t<T>` for
 exactly its rows (the `kd_topk` loss term reads them).
 
-Layout of a cache directory:
+Layout of a cache directory::
 
     shard-00000-of-00002.json                             one per writer (host): the CacheSpec,
                                                           its index range, epochs completed

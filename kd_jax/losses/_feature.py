@@ -108,7 +108,7 @@ def attention_transfer(student_features, teacher_features, *, p: int = 2, where=
   """Attention transfer: squared distance of l2-normalised spatial attention maps.
 
   With at(A) = Q / max(||Q||_2, 1e-12), Q = flatten_{h,w}(mean_c A^p) (channel-wise mean of the
-  p-th power, NHWC channels last):
+  p-th power, NHWC channels last)::
 
     loss_i = mean_{h,w} (at(A^S)_i - at(A^T)_i)^2,
 
@@ -121,8 +121,8 @@ def attention_transfer(student_features, teacher_features, *, p: int = 2, where=
   intermediate stage outputs (`feat[1:-1]`) with loss weight `-b 1000`.
 
   Args:
-    student_features: [b, *spatial, c_s] NHWC student maps, or a list/tuple of them.
-    teacher_features: [b, *spatial, c_t] NHWC teacher maps, or an equally long list/tuple.
+    student_features: `[b, *spatial, c_s]` NHWC student maps, or a list/tuple of them.
+    teacher_features: `[b, *spatial, c_t]` NHWC teacher maps, or an equally long list/tuple.
     p: the power applied before the channel mean (an integer keeps negative activations legal).
     where: optional boolean [b] mask; masked examples give 0.
 
@@ -151,7 +151,7 @@ def nst(student_features, teacher_features, *, where=None):
   """Neuron selectivity transfer: squared MMD with the polynomial kernel k(x, y) = (x^T y)^2.
 
   Each channel's map is flattened over space and l2-normalised over space, giving unit vectors
-  f^S_c (c = 1..C_S) and f^T_c (c = 1..C_T); with k the degree-2, c = 0 polynomial kernel,
+  f^S_c (c = 1..C_S) and f^T_c (c = 1..C_T); with k the degree-2, c = 0 polynomial kernel::
 
     loss_i = mean_{c,c'} k(f^T_c, f^T_c') + mean_{c,c'} k(f^S_c, f^S_c')
              - 2 mean_{c,c'} k(f^S_c, f^T_c'),
@@ -164,8 +164,8 @@ def nst(student_features, teacher_features, *, where=None):
   (`NSTLoss`), on all intermediate stage outputs (`feat[1:-1]`) with loss weight `-b 50`.
 
   Args:
-    student_features: [b, *spatial, c_s] NHWC student maps, or a list/tuple of them.
-    teacher_features: [b, *spatial, c_t] NHWC teacher maps, or an equally long list/tuple.
+    student_features: `[b, *spatial, c_s]` NHWC student maps, or a list/tuple of them.
+    teacher_features: `[b, *spatial, c_t]` NHWC teacher maps, or an equally long list/tuple.
     where: optional boolean [b] mask; masked examples give 0.
 
   Returns:

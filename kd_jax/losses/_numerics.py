@@ -1,6 +1,6 @@
 """Numerically safe building blocks shared by every loss.
 
-Conventions (DESIGN.md): compute in float32 even when inputs are bfloat16, use `xlogy` for
+Conventions: compute in float32 even when inputs are bfloat16, use `xlogy` for
 p log p, never divide by a bare norm, exclude masked entries with `where` (never by relying on
 0 * inf), and normalise by max(count, 1).
 """

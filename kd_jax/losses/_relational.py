@@ -218,8 +218,8 @@ def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
         angle_weight: float = 50.0, where=None, axis_name=None):
   """Relational KD: distance-wise plus angle-wise smooth-L1 between the batch's relations.
 
-  With psi_D(i, j) = ||e_i - e_j|| / mu (mu the mean distance over pairs i != j) and
-  psi_A(i, j, k) = <(e_j - e_i) / ||e_j - e_i||, (e_k - e_i) / ||e_k - e_i||>:
+  With `psi_D(i, j) = ||e_i - e_j|| / mu` (mu the mean distance over pairs i != j) and
+  `psi_A(i, j, k) = <(e_j - e_i) / ||e_j - e_i||, (e_k - e_i) / ||e_k - e_i||>`::
 
     L = distance_weight * mean_{i,j} huber(psi_D^S - psi_D^T)
         + angle_weight * mean_{i,j,k} huber(psi_A^S - psi_A^T),
@@ -232,10 +232,10 @@ def rkd(student_embed, teacher_embed, *, distance_weight: float = 25.0,
   to the pooled penultimate features (`feat[-1]`) with loss weight `-b 1` and CE weight 1.
 
   Numerics: squared distances are clamped at 1e-12 before the square root and difference vectors
-  are normalised by max(||v||, 1e-12), exactly as the reference, so duplicate or zero rows give
+  are normalised by `max(||v||, 1e-12)`, exactly as the reference, so duplicate or zero rows give
   finite values and gradients. One deliberate difference: squared distances are summed from the
   explicit differences e_j - e_i (which the angle term materialises anyway, [b, b, d] memory, as
-  the reference) instead of |e_i|^2 + |e_j|^2 - 2<e_i, e_j>; the value is the same up to float32
+  the reference) instead of `|e_i|^2 + |e_j|^2 - 2<e_i, e_j>`; the value is the same up to float32
   rounding, but duplicate rows stay exactly at the clamp instead of becoming cancellation noise.
   With fewer than two valid rows the distance normaliser is 1 (the reference divides by the mean
   of an empty set, NaN) and the loss is 0.
@@ -325,7 +325,7 @@ def pkt(student_embed, teacher_embed, *, eps: float = 1e-7, where=None, axis_nam
 def cc(student_embed, teacher_embed, *, where=None, axis_name=None):
   """Correlation congruence loss exactly as RepDistiller's `Correlation` (a simplified form).
 
-  With delta_i = |e^S_i - e^T_i| (elementwise), the reference computes
+  With `delta_i = |e^S_i - e^T_i|` (elementwise), the reference computes::
 
     L = mean_{i=0..b-2} sum_d delta_i[d] * delta_{i+1}[d],
 

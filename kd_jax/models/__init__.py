@@ -11,7 +11,8 @@ Call: `logits, features = model(x, train=...)` with x NHWC float ([B, 32, 32, 3]
 running averages, dropout is active; train=False: running averages, no dropout. Logits are
 float32; features are in the compute dtype (option `dtype`, default float32).
 
-`features` (RepDistiller's `feat` list from `model(x, is_feat=True, preact=...)`, named):
+`features` (RepDistiller's `feat` list from `model(x, is_feat=True, preact=...)`, named)::
+
   "stem"            feat[0]: output of the first conv block (after its ReLU; WRN: raw conv1).
   "stage1".."stageN" feat[1..N]: each stage's output before pooling (N = 3 for resnet*,
                     wrn_*, ShuffleV1/V2, cnn_digits: 2, mlp_digits: 1; N = 4 for vgg*,
@@ -26,7 +27,7 @@ float32; features are in the compute dtype (option `dtype`, default float32).
                     output, before conv2).
   "embedding"       feat[-1]: the pooled penultimate vector the classifier reads, [B, D].
 
-Functional use (DESIGN.md): `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, where
+Functional use: `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, where
 `rest` holds the batch-norm statistics (`nnx.BatchStat`) and, for a WRN with dropout, its RNG
 stream; `nnx.merge(graphdef, params, rest)` inside the jitted step, and return
 `nnx.state(model, nnx.BatchStat)` after a train-mode call to carry the updated statistics.

@@ -1,4 +1,4 @@
-"""Converts RepDistiller PyTorch `state_dict`s into kd_jax model variables (no torch needed).
+"""Converts RepDistiller PyTorch state dicts into kd_jax model variables (no torch needed).
 
 The one idea: our modules carry the PyTorch attribute names, so a `state_dict` key maps to a
 variable path by splitting on dots (plus a few renames where PyTorch `Sequential` indices count

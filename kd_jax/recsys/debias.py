@@ -5,18 +5,22 @@ whose definitions are not public to us (docs/hetcomp.md). These two are ours, bu
 observation: the ensemble's consensus items (high in every teacher's list) are mostly popular
 items, while items that only some teachers rank high are more often niche. With w(r) the rank
 importance (knowledge.py) and r_x = N for items outside teacher x's top-N list, the dissensus of
-item i for user u is
+item i for user u is::
 
     d(u, i) = std_x w(r_x(u, i)).
 
-Strategy 1, dissensus-aware knowledge (`rerank`): the ensemble ranks items by
+Strategy 1, dissensus-aware knowledge (`rerank`): the ensemble ranks items by::
+
     mean_x w(r_x) + beta * d(u, i)
+
 (an optimistic, upper-confidence ensemble), so items championed by a subset of the teachers can
 enter T_u in place of lukewarm consensus items. It changes *which* items are transferred.
 
 Strategy 2, consensus-discounted transfer (`weight`): the knowledge is unchanged but each T_u
-term of the AKT losses is weighted by
+term of the AKT losses is weighted by::
+
     omega(u, i) = (1 - gamma) + gamma * d(u, i) / mean_{j in T_u} d(u, j),
+
 which has mean 1 over T_u, so consensus items are pushed less hard than contested ones. It
 changes *how strongly* each item is transferred.
 """

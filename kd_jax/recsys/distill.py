@@ -148,7 +148,7 @@ def rejection_negatives(key, train, n: int, rounds: int = 4):
   """n uniform draws per row from the items outside `train` ([B, I] bool) by rejection.
 
   Every draw that hits a training item is redrawn, `rounds` times in all; the [B, n] bool mask
-  is False where a draw is still a training item (probability (|O_u| / I) ** rounds).
+  is False where a draw is still a training item (probability `(|O_u| / I) ** rounds`).
   """
   b, num_items = train.shape
   rows = jnp.arange(b)[:, None]

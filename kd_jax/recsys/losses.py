@@ -3,7 +3,7 @@
 Official code `SeongKu-Kang/HetComp_WWW23: Models/HetComp.py`; docs/hetcomp.md. For a user u
 with student scores s (clipped to [-40, 40] as in the official code), training items O_u,
 unobserved items N_u, ensemble knowledge T_u (top-K unobserved, ranked) and observed knowledge
-P_u (top-P training items, ranked):
+P_u (top-P training items, ranked)::
 
   phase A: L_A(u) = - sum_{i in P_u + T_u} [ s_i - log( e^{s_i} + sum_{j in N_u \\ T_u} e^{s_j} ) ]
   phase B: L_B(u) = PL(P_u; N_u \\ T_u^(50))

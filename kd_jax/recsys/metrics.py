@@ -3,7 +3,7 @@
 Protocol (HetComp's official code, `SeongKu-Kang/HetComp_WWW23: Utils/evaluation.py`): every
 item is ranked for every user, except the user's training items and the items of the other held-out
 part (validation ranking excludes train+test, test ranking excludes train+validation).
-Recall@K = hits/|GT|; NDCG@K has binary gains and an ideal DCG over min(|GT|, K) items (the same
+`Recall@K = hits / |GT|`; NDCG@K has binary gains and an ideal DCG over `min(|GT|, K)` items (the same
 values as rax's `recall_metric` / `ndcg_metric` with `topn=K`). Users are processed in
 fixed-size chunks, so memory is O(chunk x items) whatever the number of users.
 """

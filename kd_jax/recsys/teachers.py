@@ -1,7 +1,7 @@
 """Six heterogeneous recommender teachers in JAX, each saving a trajectory of Orbax checkpoints.
 
 HetComp's teachers are named `MF, ML, DL, GNN, AE, I-AE` in `SeongKu-Kang/HetComp_WWW23:
-main.py` (docs/hetcomp.md). Ours:
+main.py` (docs/hetcomp.md). Ours::
 
   mf       BPR matrix factorisation (Rendle et al., 2009), BPR loss.
   cml      collaborative metric learning (Hsieh et al., 2017): score -||u - i||^2, hinge loss,

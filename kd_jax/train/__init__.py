@@ -1,4 +1,4 @@
-"""Training: the train state, the loss terms, the distillation step, the loop, evaluation.
+"""Training: the train state, the loss terms, the distillation step, the loop, evaluation::
 
     state = TrainState.create(student, sgd(0.05, momentum=0.9, weight_decay=5e-4),
                               rng=jax.random.key(0))

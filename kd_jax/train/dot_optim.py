@@ -103,8 +103,8 @@ def dot(learning_rate: float | optax.Schedule, *, momentum: float = 0.9, delta: 
     kd_mask: parameters the distillation loss reaches. Default: all.
 
   Returns:
-    A `DotTransformation`. Its `update(updates, state, params)` takes `updates = {"task": g_t,
-    "kd": g_k}` and needs `params`.
+    A `DotTransformation`. Its `update(updates, state, params)` takes
+    `updates = {"task": g_t, "kd": g_k}` and needs `params`.
   """
   m_task, m_kd = momentum - delta, momentum + delta
   m_mid = (m_task + m_kd) / 2.0

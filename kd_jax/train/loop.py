@@ -3,7 +3,7 @@
 `fit` drives a per-device step (`kd_jax.train.step.make_train_step`) over the devices of a mesh
 (`jax.shard_map` under `jax.jit`, the default), under `jax.pmap`, or on one device; the jitted
 paths compile with `kd_jax.compile_options`. It writes to
-`workdir`:
+`workdir`::
 
     metrics.jsonl         one JSON object per logged step or evaluation
     tensorboard/          TensorBoard event files (tensorboardX)

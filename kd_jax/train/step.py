@@ -143,7 +143,7 @@ def make_train_step(loss, *,
     input_key: the batch entry fed to the student (and to the teacher, unless
       `teacher_input_key`).
     cached_teacher: read the teacher's outputs from the batch instead of running a teacher: the
-      prefix of the batch keys that hold them, e.g. "teacher_" for the columns that
+      prefix of the batch keys that hold them, e.g. `"teacher_"` for the columns that
       `kd_jax.data.teacher_cache.attach` adds ("teacher_logits" and one "teacher_<feature>"
       per cached feature). The step then costs a student step; use it only for inputs without
       random augmentation (the cache holds the teacher's view of the un-augmented example).
@@ -362,9 +362,10 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
 
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
-    teacher_graphdef, axis_name, input_key, cached_teacher, sync_batch_norm, teacher_input_key,
-      mixing, nonfinite: as `make_train_step` (every student sees the same mixed batch, keyed by
-      the step count; each student's "<method>/finite" metric, and skipping, are per student).
+    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`.
+    sync_batch_norm, teacher_input_key, mixing, nonfinite: as `make_train_step` (every student
+      sees the same mixed batch, keyed by the step count; each student's "<method>/finite"
+      metric, and skipping, are per student).
     loss_options: {method name: per-term options} (optional).
     student_map: how a method's stacked students are run: "vmap" (one vectorised program) or
       "unroll" (each student traced in turn, the same program as a single run, repeated). On

@@ -11,7 +11,7 @@ parameters and non-trained state (default: none) and `__call__(ctx)` returns the
 loss and its new state (see `kd_jax.train.terms._base`). FitNet's and CC's connectors and CRD's
 heads and memory banks are such parameters and state; adding a stateful method is one module
 with one registered `LossTerm` and its test. A plain function `fn(ctx, **options)` registers as
-a stateless term, and `make_train_step` also takes a callable `fn(ctx) -> scalar` directly:
+a stateless term, and `make_train_step` also takes a callable `fn(ctx) -> scalar` directly::
 
     @register_term("my_loss")
     def my_loss(ctx, scale: float = 1.0):

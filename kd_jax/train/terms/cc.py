@@ -5,7 +5,7 @@
 Both `LinearEmbed` heads (`torch.nn.Linear(d, feat_dim)`, no normalisation) are trained, the
 teacher's too (its input, the teacher's pooled embedding, carries no gradient; its weights do).
 `losses.cc` is RepDistiller's `Correlation`: mean over consecutive pairs of
-sum |e_s - e_t|_i * |e_s - e_t|_{i+1}.
+`sum |e_s - e_t|_i * |e_s - e_t|_{i+1}`.
 
 Paper: B. Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019.
 Reference: HobbitLong/RepDistiller (`--distill correlation`, `-b 0.02` with CE weight 1,

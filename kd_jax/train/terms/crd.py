@@ -3,7 +3,7 @@
 `kd_jax.losses.crd` is pure; the term `CRD` owns what RepDistiller's `CRDLoss` keeps inside
 `torch.nn.Module`s: the two trainable `Embed` heads (linear + l2-normalise, one for the student's
 and one for the teacher's pooled embedding; both are trained, as in RepDistiller), the two memory
-banks [num_data, feat_dim] and the NCE normalisers (Z_s, Z_t), fixed from the first step.
+banks [num_data, feat_dim] and the NCE normalisers (Z_s, Z_t), fixed from the first step::
 
     params = {"student": {"kernel", "bias"}, "teacher": {"kernel", "bias"}}
         (`TrainState.term_params["crd"]`, differentiated and updated with the student)
