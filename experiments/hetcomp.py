@@ -284,13 +284,15 @@ def _collect(per_seed, order, res):
     per_seed[k].append(v)
 
 
-def merge(paths, out=None):
+def merge(paths, out=None, replace=False):
   """Combines results.json files into one table (per-seed values kept).
 
   Files may overlap: a method's record for a seed that an earlier file already gave is dropped
   when it is equal (runs of one seed share their teachers, student alone and ensembles bit for
-  bit, e.g. a `config.methods` run beside a full one) and is a `ConfigError` when it differs
-  (two settings of one method under one label would be averaged as if they were seeds).
+  bit, e.g. a `config.methods` run beside a full one). When it differs (two settings of one
+  method under one label, which would be averaged as if they were seeds) it is a `ConfigError`,
+  or, with `replace`, the later file's record replaces the earlier one and the replacement is
+  printed (e.g. an RRD row rerun at another weight).
   """
   per_seed, order, seen = {}, [], {}
   for path in paths:
@@ -303,13 +305,18 @@ def merge(paths, out=None):
       for rec in r.get("per_seed") or [{m: r[m] for m in METRICS}]:
         key = (r["method"], rec.get("seed"))
         if key[1] is not None and key in seen:
-          if seen[key][0] != rec:
+          if seen[key][0] == rec:
+            continue
+          if not replace:
             raise ConfigError(f"config.merge: {r['method']!r} seed {key[1]} differs between "
                               f"{seen[key][1]} and {path} (different settings under one "
-                              f"label)")
-          continue
+                              f"label; config.merge_replace=True keeps the later file's)")
+          print(f"replaced: {r['method']} seed {key[1]} from {seen[key][1]} by {path}")
+          rows = per_seed[r["method"]]
+          rows[rows.index(seen[key][0])] = rec
+        else:
+          per_seed[r["method"]].append(rec)
         seen[key] = (rec, path)
-        per_seed[r["method"]].append(rec)
   records = summarize({k: per_seed[k] for k in order})
   pairs = paired(records)
   n = records[0]["seeds"]
@@ -329,7 +336,8 @@ def run(config, workdir: str = ""):
   `ValueError`) for a missing or unreadable `config.data_dir`.
   """
   if config.merge:
-    return merge([p for p in config.merge.split(",") if p], config.out or None)
+    return merge([p for p in config.merge.split(",") if p], config.out or None,
+                 replace=config.merge_replace)
   if not config.data_dir:
     raise ConfigError("config.data_dir is required (a directory with u.data / ratings.csv / "
                      "ratings.dat, e.g. --config.data_dir=../shared/data/ml-100k)")

@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed_list = ""                 # comma-separated seeds instead of 0..n-1, e.g. "1" or "1,2"
   c.merge = ""                     # comma-separated results.json files: print (and write) their
   #                                  merged table instead of running
+  c.merge_replace = False          # with merge: a later file's different record for a method
+  #                                  and seed replaces the earlier one (printed); else refused
   c.quick = False                  # smoke run: 1 seed, short teacher training and distillation
   # Distillation schedule in optimizer steps; None keeps the run's own value (600 / 600 / 3000
   # and no cap; 20 / 20 / 40 and a 200-step cap with quick).

@@ -17,8 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def test_config_defaults_and_the_runs_they_give():
   c = hetcomp_config.get_config()
-  want = {"data_dir": "", "out": "", "seeds": 5, "seed_list": "", "merge": "", "quick": False,
-          "period_steps": None, "eval_every_steps": None, "patience_steps": None,
+  want = {"data_dir": "", "out": "", "seeds": 5, "seed_list": "", "merge": "",
+          "merge_replace": False, "quick": False, "period_steps": None, "eval_every_steps": None, "patience_steps": None,
           "max_steps": None, "trajectory": "validation", "quality_fractions": "0.8,0.9,0.95",
           "rrd_lambda": 0.1, "rrd_k": 40, "rrd_l": 40, "student_dim": 6, "methods": "",
           "debias": True, "split_seed": 0, "official_batching": False}
@@ -126,6 +126,9 @@ def test_merge_drops_repeated_seeds_and_refuses_conflicting_ones(tmp_path):
   c = write("c", {hetcomp.STUDENT: [rec(0.45, 0)]})
   with pytest.raises(hetcomp.ConfigError, match="'Student alone \\(BPR\\)' seed 0 differs"):
     hetcomp.merge([a, c])
+  merged = {r["method"]: r for r in hetcomp.merge([a, c], replace=True)}
+  assert merged[hetcomp.STUDENT]["recall@50"] == pytest.approx((0.45 + 0.6) / 2)
+  assert [r["seed"] for r in merged[hetcomp.STUDENT]["per_seed"]] == [0, 1]
 
 
 def test_paired_differences_by_seed_and_capped_label():
