@@ -18,8 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_config_defaults_and_the_runs_they_give():
   c = hetcomp_config.get_config()
   want = {"data_dir": "", "out": "", "seeds": 5, "seed_list": "", "merge": "",
-          "merge_replace": False, "quick": False, "period_steps": None, "eval_every_steps": None, "patience_steps": None,
-          "max_steps": None, "trajectory": "validation", "quality_fractions": "0.8,0.9,0.95",
+          "merge_replace": False, "quick": False, "period_steps": None,
+          "eval_every_steps": None, "patience_steps": None, "max_steps": None,
+          "trajectory": "validation", "quality_fractions": "0.8,0.9,0.95",
           "rrd_lambda": 0.1, "rrd_k": 40, "rrd_l": 40, "student_dim": 6, "methods": "",
           "debias": True, "split_seed": 0, "official_batching": False}
   assert c.to_dict() == want
