@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.trajectory = "validation"      # teacher checkpoints: 'validation' (quality ladder) | 'epochs'
   c.quality_fractions = "0.8,0.9,0.95"  # v = 0, 1, 2 reach these fractions of the best
   #                                       validation Recall@50; v = 3 is the best epoch
-  c.rrd_lambda = 0.1               # RRD baseline: weight of the RRD term next to BPR (chosen on
+  c.rrd_lambda = 1.0               # RRD baseline: weight of the RRD term next to BPR (chosen on
   #                                  validation, docs/hetcomp.md)
   c.rrd_k = 40                     # RRD: interesting items (the ensemble's top rrd_k)
   c.rrd_l = 40                     # RRD: uninteresting items sampled per user and step

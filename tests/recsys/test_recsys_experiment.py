@@ -21,7 +21,7 @@ def test_config_defaults_and_the_runs_they_give():
           "merge_replace": False, "quick": False, "period_steps": None,
           "eval_every_steps": None, "patience_steps": None, "max_steps": None,
           "trajectory": "validation", "quality_fractions": "0.8,0.9,0.95",
-          "rrd_lambda": 0.1, "rrd_k": 40, "rrd_l": 40, "student_dim": 6, "methods": "",
+          "rrd_lambda": 1.0, "rrd_k": 40, "rrd_l": 40, "student_dim": 6, "methods": "",
           "debias": True, "split_seed": 0, "official_batching": False}
   assert c.to_dict() == want
   runs = dict(hetcomp.distill_configs(c, seed=3))
