@@ -8,7 +8,11 @@ checkpoints) is shared with the other entry points. In order:
    spec, the teacher/student class counts, the global batch versus the device count.
 2. Teacher: restore it from its Orbax checkpoint (`config.teacher.checkpoint`, default
    `<workdir>/teacher/checkpoint`) if present, otherwise train it with cross-entropy and save it.
-   Its outputs are checked (finite, right class count) before any student step.
+   Its outputs are checked (finite, right class count) before any student step. The same for
+   every teacher of `config.teachers` (named teacher configs, default checkpoint
+   `<workdir>/teachers/<name>/checkpoint`), which the methods of `config.method_teachers`
+   distil as an ensemble (`kd_jax.teachers.EnsembleOf`: the weighted mean of the members'
+   softmaxes at temperature T); all teachers run in the students' program.
 3. PTLoss coefficients: selected on the validation split with `kd_jax.ptloss.select_coefficients`
    (or a fixed `config.ptloss.epsilon`).
 4. Students: for every method in `config.methods` (name -> loss spec) and every seed in
@@ -44,6 +48,7 @@ from kd_jax import models
 from kd_jax import parallel
 from kd_jax import teachers
 from kd_jax.data.mixing import Mixing
+from kd_jax.teachers import ENSEMBLE_COMBINE, EnsembleOf
 from kd_jax import workdir as workdir_lib
 from kd_jax.models import create_compiled as create_model
 from kd_jax.train import loop
@@ -168,6 +173,126 @@ class Dataset:
 
 # ---------------------------------------------------------------------------- validation
 
+class ConfigError(ValueError):
+  """A config that cannot run, found before anything trains (one line, naming the key)."""
+
+
+def teacher_configs(config) -> dict[str, ml_collections.ConfigDict] | None:
+  """`config.teachers` as {name: teacher config}; None when the config has no such key.
+
+  `config.teachers` is a mapping name -> teacher config (the keys of `config.teacher`) or a
+  tuple / list of teacher configs, named "0", "1", ... by position.
+  """
+  raw = config.get("teachers", None)
+  if raw is None:
+    return None
+  if isinstance(raw, (tuple, list)):
+    items = [(str(i), t) for i, t in enumerate(raw)]
+  elif isinstance(raw, Mapping) or hasattr(raw, "items"):
+    items = [(str(k), t) for k, t in raw.items()]
+  else:
+    raise ConfigError(f"config.teachers must be a mapping name -> teacher config or a list of "
+                      f"teacher configs, got {type(raw).__name__}.")
+  if not items:
+    raise ConfigError("config.teachers is empty: an ensemble needs at least one teacher config.")
+  out = {}
+  for name, t in items:
+    if not (isinstance(t, Mapping) or hasattr(t, "items")) or "model" not in t:
+      raise ConfigError(f"config.teachers[{name!r}] must be a teacher config with a 'model' "
+                        "key (the keys of config.teacher).")
+    out[name] = ml_collections.ConfigDict(t.to_dict() if hasattr(t, "to_dict") else dict(t))
+  return out
+
+
+def method_teachers(config) -> dict[str, dict[str, Any]]:
+  """`config.method_teachers` checked: {method: {"members", "weights", "combine",
+  "temperature"}}, members named as in `config.teachers`; the temperature defaults to the
+  method's `kd` term's (1 without one) and, with combine "probs", must equal it."""
+  raw = dict(config.get("method_teachers", None) or {})
+  if not raw:
+    return {}
+  named = teacher_configs(config)
+  if named is None:
+    raise ConfigError(f"config.method_teachers ({', '.join(sorted(raw))}) needs config.teachers "
+                      "(the ensemble's teacher configs).")
+  options = dict(config.get("loss_options", {}) or {})
+  out = {}
+  for method, entry in raw.items():
+    where = f"config.method_teachers[{method!r}]"
+    if method not in config.methods:
+      raise ConfigError(f"{where}: no such method in config.methods "
+                        f"({', '.join(sorted(config.methods))}).")
+    entry = dict(entry)
+    unknown = sorted(set(entry) - {"members", "weights", "combine", "temperature"})
+    if unknown:
+      raise ConfigError(f"{where}: unknown key(s) {unknown}; expected members, weights, combine, "
+                        "temperature.")
+    members = entry.get("members", ())
+    members = [members] if isinstance(members, (str, int)) else [str(m) for m in members]
+    members = [str(m) for m in members]
+    if not members:
+      raise ConfigError(f"{where}.members is empty: name at least one of config.teachers "
+                        f"({', '.join(named)}).")
+    missing = [m for m in members if m not in named]
+    if missing:
+      raise ConfigError(f"{where}.members: {missing} not in config.teachers "
+                        f"({', '.join(named)}).")
+    if len(set(members)) != len(members):
+      raise ConfigError(f"{where}.members names a teacher twice: {members}.")
+    weights = tuple(float(w) for w in (entry.get("weights") or ()))
+    if weights and (len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0
+                    or not all(np.isfinite(weights))):
+      raise ConfigError(f"{where}.weights must be one finite weight >= 0 per member "
+                        f"({len(members)}), not all 0; got {weights}.")
+    combine = entry.get("combine") or "probs"
+    if combine not in ENSEMBLE_COMBINE:
+      raise ConfigError(f"{where}.combine must be one of {ENSEMBLE_COMBINE}, got {combine!r}.")
+    spec = config.methods[method]
+    present = {t.name for t in terms_lib.parse_terms(spec)}
+    parsed = {t.name: t for t in terms_lib.parse_terms(
+        spec, {k: v for k, v in options.items() if k in present})}
+    kd_t = float(parsed["kd"].term.temperature) if "kd" in parsed else None
+    temperature = float(entry.get("temperature") or 0.0) or (kd_t or 1.0)
+    if not temperature > 0:
+      raise ConfigError(f"{where}.temperature must be > 0, got {temperature}.")
+    if combine == "probs" and kd_t is not None and temperature != kd_t:
+      raise ConfigError(f"{where}.temperature {temperature:g} differs from the kd term's "
+                        f"{kd_t:g}: the members' softmaxes are averaged at the KD temperature.")
+    out[method] = {"members": members, "weights": weights or None, "combine": combine,
+                   "temperature": temperature}
+  return out
+
+
+def _validate_teachers(config, num_classes: int | None) -> None:
+  """The configs of `config.teachers`: known models, precision, one class count for all."""
+  named = teacher_configs(config)
+  if named is None:
+    method_teachers(config)  # refuses method_teachers without teachers
+    return
+  known = models.available()
+  classes = {}
+  for name, tcfg in named.items():
+    if tcfg.model not in known:
+      raise ConfigError(f"unknown model name {tcfg.model!r} in config.teachers[{name!r}]; known "
+                        f"names: {', '.join(known)}")
+    try:
+      precision.check(tcfg, f"teachers[{name!r}]")
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    k = tcfg.get("num_classes") or num_classes
+    if k is not None:
+      classes[name] = int(k)
+  if len(set(classes.values())) > 1:
+    raise ConfigError("config.teachers predict different numbers of classes: "
+                      + ", ".join(f"{n} ({named[n].model}) {k}" for n, k in classes.items())
+                      + ".")
+  s_classes = config.student.get("num_classes") or num_classes
+  if classes and s_classes is not None and next(iter(classes.values())) != s_classes:
+    raise ConfigError(f"config.teachers predict {next(iter(classes.values()))} classes but the "
+                      f"student has {s_classes}.")
+  method_teachers(config)
+
+
 def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = None) -> None:
   """Checks a config before anything trains; raises ValueError with a clear message.
 
@@ -197,6 +322,7 @@ def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = Non
   if num_classes is not None and s_classes != num_classes:
     raise ValueError(f"the student has {s_classes} classes but the dataset "
                      f"{config.dataset!r} has {num_classes}.")
+  _validate_teachers(config, num_classes)
   n = int(config.get("num_devices") or 0) or jax.device_count()
   if int(config.batch_size) % n:
     raise ValueError(f"batch_size={config.batch_size} must be divisible by the {n} devices "
@@ -323,22 +449,25 @@ class Runner:
         eval_fn=self.eval_fn(state.graphdef, "val"), progress=self.progress, run_info=run_info)
 
 
-def _teacher(runner: Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
-  """Restores the teacher from its checkpoint, or trains and saves it. Returns (teacher, trained)."""
-  tcfg = config.teacher
+def _teacher(runner: Runner, config, tcfg=None, *, name: str = "teacher",
+             key: str = "config.teacher",
+             seed_offset: int = 1000) -> tuple[teachers.FrozenTeacher, bool]:
+  """Restores a teacher (`config.teacher` by default) from its checkpoint, or trains it in
+  `<workdir>/<name>` and saves it there. Returns (teacher, trained)."""
+  tcfg = config.teacher if tcfg is None else tcfg
   num_classes = int(tcfg.get("num_classes") or runner.data.num_classes)
-  path = tcfg.get("checkpoint") or os.path.join(runner.workdir, "teacher", "checkpoint")
+  path = tcfg.get("checkpoint") or os.path.join(runner.workdir, name, "checkpoint")
   path = os.path.abspath(path)
   if os.path.exists(path):
     return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
                                     normalization=runner.data.normalization,
                                     **_model_options(tcfg)), False
   if tcfg.get("checkpoint"):
-    raise FileNotFoundError(f"teacher checkpoint {path} (config.teacher.checkpoint) does not "
+    raise FileNotFoundError(f"teacher checkpoint {path} ({key}.checkpoint) does not "
                             "exist; leave it empty to train a teacher in the workdir.")
-  model = create_model(tcfg.model, num_classes=num_classes, seed=int(config.seed) + 1000,
+  model = create_model(tcfg.model, num_classes=num_classes, seed=int(config.seed) + seed_offset,
                        **_model_options(tcfg))
-  state, history = runner.fit_teacher("teacher", model, tcfg, "ce:1")
+  state, history = runner.fit_teacher(name, model, tcfg, "ce:1")
   trained = state.model()
   val = [h["accuracy"] for h in history if h.get("split") == "val" and "accuracy" in h]
   # Every process calls it (Orbax syncs); the fingerprint records what the restore checks.
@@ -349,6 +478,71 @@ def _teacher(runner: Runner, config) -> tuple[teachers.FrozenTeacher, bool]:
   return teachers.restore_teacher(path, tcfg.model, num_classes=num_classes,
                                   normalization=runner.data.normalization,
                                   **_model_options(tcfg)), True
+
+
+def _check_teacher(runner: Runner, config, teacher, trained: bool, tcfg) -> None:
+  """The checks every teacher gets before distillation: finite outputs with the student's class
+  count and, restored, the validation accuracy its fingerprint records."""
+  teachers.check_teacher_outputs(
+      teacher, runner.data.eval("val"),
+      student_num_classes=int(config.student.get("num_classes") or runner.data.num_classes))
+  if not trained and (teacher.fingerprint or {}).get("val_accuracy") is not None:
+    # A restored teacher must reproduce its recorded validation accuracy on this run's data.
+    t_val = runner.eval_fn(teacher.graphdef, "val")(teacher.variables)["accuracy"]
+    teachers.check_teacher_accuracy(
+        teacher, t_val, tolerance=float(tcfg.get("accuracy_tolerance", 0.02)))
+
+
+def _ensemble_teachers(runner: Runner, config, teacher):
+  """The teachers of `config.teachers` (each trained or restored and checked as the teacher) and
+  the methods' ensembles over them. Returns (pool, views, info): `pool[0]` is `teacher`, then
+  one entry per distinct checkpoint (a member whose config equals `config.teacher` is that
+  teacher); views {method: EnsembleOf over pool indices}; info {name: what results.json says}.
+  """
+  named = teacher_configs(config)
+  mt = method_teachers(config)
+  if named is None or not mt:
+    return None, None, None
+  pool, index, info = [teacher], {}, {}
+  main = config.teacher.to_dict()
+  used = sorted({m for v in mt.values() for m in v["members"]})
+  for pos, (name, tcfg) in enumerate(named.items()):
+    if name not in used:
+      continue
+    if tcfg.to_dict() == main:
+      index[name] = 0
+      info[name] = {"model": tcfg.model, "same_as": "teacher",
+                    "checkpoint": workdir_lib.relative_path(teacher.path, runner.workdir)}
+      continue
+    member, trained = _teacher(runner, config, tcfg, name=os.path.join("teachers", name),
+                               key=f"config.teachers[{name!r}]", seed_offset=1001 + pos)
+    _check_teacher(runner, config, member, trained, tcfg)
+    paths = [p.path for p in pool]
+    if member.path in paths:
+      index[name] = paths.index(member.path)
+    else:
+      index[name] = len(pool)
+      pool.append(member)
+    t_test = runner.eval_fn(member.graphdef, "test")(member.variables)["accuracy"]
+    info[name] = {"model": tcfg.model, "test_accuracy": t_test, "trained_here": trained,
+                  "checkpoint": workdir_lib.relative_path(member.path, runner.workdir)}
+  views = {m: EnsembleOf(tuple(index[n] for n in v["members"]), v["weights"], v["combine"],
+                         v["temperature"]) for m, v in mt.items()}
+  return tuple(pool), views, info
+
+
+def _ensemble_accuracy(runner: Runner, pool, view: EnsembleOf, split: str) -> float:
+  """Top-1 accuracy on `split` of the combined teacher a method distils (its argmax)."""
+  from kd_jax.train.terms import ensemble as ensemble_terms  # pylint: disable=g-import-not-at-top
+  from kd_jax.train.terms import Outputs  # pylint: disable=g-import-not-at-top
+  ens = view.resolve([p.graphdef for p in pool])
+  logits = [predict_logits(pool[i].graphdef, jax.device_get(pool[i].variables),
+                           runner.data.eval(split)) for i in view.members]
+  labels = np.concatenate([b["label"][b["mask"]] for b in runner.data.eval(split)])
+  combined = ensemble_terms.combine_outputs(
+      [Outputs(jnp.asarray(z), {}) for z in logits], weights=ens.weights, combine=ens.combine,
+      temperature=ens.temperature).logits
+  return float(np.mean(np.argmax(np.asarray(combined), -1) == labels))
 
 
 def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
@@ -443,6 +637,10 @@ def _table(results: Mapping[str, Any]) -> str:
   rows = [head]
   t = results["teacher"]
   rows.append((f"teacher ({t['model']})", "ce:1", f"{100 * t['test_accuracy']:.2f}", ""))
+  for name, m in (results.get("teachers") or {}).items():
+    if "test_accuracy" in m:
+      rows.append((f"teachers.{name} ({m['model']})", "ce:1", f"{100 * m['test_accuracy']:.2f}",
+                   ""))
   for name, r in results["methods"].items():
     diff = results.get("paired", {}).get(name)
     cell = ""
@@ -455,6 +653,12 @@ def _table(results: Mapping[str, Any]) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
   extra = []
+  for name, v in (results.get("method_teachers") or {}).items():
+    w = "equal weights" if not v["weights"] else "weights " + "/".join(f"{x:g}" for x in
+                                                                         v["weights"])
+    extra.append(f"{name} distils {' + '.join(v['members'])} ({v['combine']}, T = "
+                 f"{v['temperature']:g}, {w}); that teacher's test accuracy "
+                 f"{100 * v['test_accuracy']:.2f}")
   for name, d in results.get("compare", {}).items():
     ci = ("" if d["ci95"] is None else
           f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]")
@@ -489,10 +693,19 @@ STUDENT_DIAGNOSTICS = ("agreement", "kl", "ece", "cka")
 
 
 def fit_students(runner: Runner, config, specs: Mapping[str, str],
-                 options: Mapping[str, Mapping[str, Any]], teacher, seeds: list[int]):
+                 options: Mapping[str, Mapping[str, Any]], teacher, seeds: list[int], *,
+                 pool=None, views=None):
   """Every method's students, one per seed, trained in one program (one teacher forward per
   batch, `make_multi_student_step`). Seed s initialises the same student for every method;
-  all students see the same batches. Returns ({method: stacked state}, history)."""
+  all students see the same batches. With `pool` (teachers, `pool[0]` = `teacher`) and `views`
+  ({method: EnsembleOf}), those methods distil their ensembles and the others `teacher`; every
+  teacher of the pool runs once per batch. Returns ({method: stacked state}, history)."""
+  if pool is None:
+    t_graphdef, t_variables, t_views = teacher.graphdef, teacher.variables, None
+  else:
+    t_graphdef = tuple(t.graphdef for t in pool)
+    t_variables = tuple(t.variables for t in pool)
+    t_views = dict(views)
   scfg = config.student
   spe = runner.data.steps_per_epoch
   # `config.method_optimizer`: {method: optimizer settings over config.student's} (DOT).
@@ -510,10 +723,10 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   sync_bn = bool(config.get("sync_batch_norm", False))
   mixing = dict(config.get("mixing", {}) or {})
   step = make_multi_student_step(
-      specs, teacher_graphdef=teacher.graphdef, loss_options=per_method, axis_name=axis,
+      specs, teacher_graphdef=t_graphdef, loss_options=per_method, axis_name=axis,
       sync_batch_norm=sync_bn, teacher_input_key=config.get("teacher_input_key") or None,
       mixing=Mixing(**{"seed": int(config.seed), **mixing}) if mixing else None,
-      nonfinite=config.get("nonfinite", "stop"))
+      nonfinite=config.get("nonfinite", "stop"), method_teachers=t_views)
   with_index = any("index" in sub.batch_keys for sub in step.steps.values())
   example = None
   inits = []
@@ -530,7 +743,8 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
         if example is None:
           example = jax.tree.map(lambda x: x[:1],
                                  next(iter(runner.data.train(0, with_index=with_index))))
-        st = sub.init(st, example, teacher.variables, num_data=runner.data.num_train)
+        st = sub.init(st, example, step.method_teacher_variables(m, t_variables),
+                      num_data=runner.data.num_train)
       per_seed.append(st)
     states[m] = stack_states(per_seed)
 
@@ -564,12 +778,17 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
               **({"sync_batch_norm": True} if sync_bn else {})}
   # Only when used, so that the workdirs of runs without them still resume.
   extras = {"method_optimizer": {m: dict(v) for m, v in overrides.items()}, "mixing": mixing,
-            "teacher_input_key": config.get("teacher_input_key") or None}
+            "teacher_input_key": config.get("teacher_input_key") or None,
+            "teachers": None if pool is None else [
+                workdir_lib.relative_path(t.path, runner.workdir) for t in pool],
+            "method_teachers": None if pool is None else {
+                m: {"members": list(v.members), "weights": v.weights, "combine": v.combine,
+                    "temperature": v.temperature} for m, v in t_views.items()}}
   run_info.update({k: v for k, v in extras.items() if v})
   eval_every = int(config.get("eval_every_epochs", 0) or 0) * spe
   return loop.fit(
       states, step, functools.partial(runner.data.train, with_index=with_index, transfer=True),
-      num_steps=num_steps, teacher_variables=teacher.variables, mode=runner.mode,
+      num_steps=num_steps, teacher_variables=t_variables, mode=runner.mode,
       mesh=runner.mesh, workdir=os.path.join(runner.workdir, "students"), name="students",
       checkpoint_every=int(config.get("checkpoint_every", 0) or 0),
       log_every=int(config.get("log_every", 50)), eval_every=eval_every, eval_fn=eval_fn,
@@ -618,14 +837,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _run(config, runner: Runner) -> dict[str, Any]:
   teacher, trained = _teacher(runner, config)
-  teachers.check_teacher_outputs(
-      teacher, runner.data.eval("val"),
-      student_num_classes=int(config.student.get("num_classes") or runner.data.num_classes))
-  if not trained and (teacher.fingerprint or {}).get("val_accuracy") is not None:
-    # A restored teacher must reproduce its recorded validation accuracy on this run's data.
-    t_val = runner.eval_fn(teacher.graphdef, "val")(teacher.variables)["accuracy"]
-    teachers.check_teacher_accuracy(
-        teacher, t_val, tolerance=float(config.teacher.get("accuracy_tolerance", 0.02)))
+  _check_teacher(runner, config, teacher, trained, config.teacher)
   t_test = runner.eval_fn(teacher.graphdef, "test")(teacher.variables)
 
   options = {k: dict(v) for k, v in dict(config.get("loss_options", {}) or {}).items()}
@@ -650,6 +862,7 @@ def _run(config, runner: Runner) -> dict[str, Any]:
                                     runner.data.eval("val"))
     teacher = refilled.with_class_centers(teacher, centers)
 
+  pool, views, members_info = _ensemble_teachers(runner, config, teacher)
   seeds = seeds_of(config)
   results = {"dataset": config.dataset, "seed": int(config.seed), "seeds": seeds,
              "teacher": {"model": config.teacher.model, "test_accuracy": t_test["accuracy"],
@@ -660,7 +873,14 @@ def _run(config, runner: Runner) -> dict[str, Any]:
     results["ptloss"] = eps_info
   if induced is not None:
     results["teacher"]["induced_classifier_val_accuracy"] = induced
-  states, history = fit_students(runner, config, specs, options, teacher, seeds)
+  if pool is not None:
+    results["teachers"] = members_info
+    mt = method_teachers(config)
+    results["method_teachers"] = {
+        m: {**mt[m], "test_accuracy": _ensemble_accuracy(runner, pool, v, "test")}
+        for m, v in views.items()}
+  states, history = fit_students(runner, config, specs, options, teacher, seeds, pool=pool,
+                                 views=views)
   test_step = runner.distill_step(states[next(iter(states))].graphdef, teacher)
   diag = dict(config.get("diagnostics", None) or {})
   results["diagnostics"] = {"split": "test", "kl_temperature": 1.0,

@@ -426,6 +426,42 @@ class Ensemble:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnsembleOf:
+  """An ensemble of some teachers of a pool, for `kd_jax.train.make_multi_student_step`.
+
+  Where the step's `teacher_graphdef` is a tuple of teachers (a pool, each run once per batch),
+  `EnsembleOf((0, 2), weights=(1, 3), temperature=4.0)` gives a method the combination of
+  members 0 and 2 as `Ensemble` defines it (`combine`, `temperature`, weights normalised to sum
+  1): with `combine="probs"`, `softmax(logits / T) = sum_i w_i softmax(z_i / T)`.
+  """
+
+  members: tuple[int, ...]
+  weights: tuple[float, ...] | None = None
+  combine: str = "probs"
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    members = tuple(self.members)
+    if not members:
+      raise ValueError("an ensemble of pool teachers needs at least one member.")
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in members):
+      raise ValueError(f"ensemble members are indices into the pool of teachers, got {members}.")
+    if len(set(members)) != len(members):
+      raise ValueError(f"ensemble members must be distinct, got {members}.")
+    object.__setattr__(self, "members", tuple(int(i) for i in members))
+    if self.weights is not None:
+      object.__setattr__(self, "weights", tuple(map(float, self.weights)))
+
+  def resolve(self, pool: Sequence[Any]) -> Ensemble:
+    """The `Ensemble` of these members of `pool` (the pool's graph definitions)."""
+    bad = [i for i in self.members if not 0 <= i < len(pool)]
+    if bad:
+      raise ValueError(f"ensemble members {bad} are not in the pool of {len(pool)} teachers.")
+    return Ensemble(tuple(pool[i] for i in self.members), self.weights, self.combine,
+                    self.temperature)
+
+
+@dataclasses.dataclass(frozen=True)
 class FrozenEnsemble:
   """Restored or frozen teachers as one teacher: `graphdef` is an `Ensemble`, `variables` the
   members' frozen variables (a tuple), `members` the `FrozenTeacher` objects."""

@@ -28,12 +28,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kd_jax.data import mixing as mixing_lib
 from kd_jax.data.mixing import Mixing
 from kd_jax.parallel import BATCH_AXIS
-from kd_jax.teachers import Ensemble
+from kd_jax.teachers import Ensemble, EnsembleOf
 from kd_jax.train import dot_optim as dot_lib
 from kd_jax.train.state import TrainState, split_trainable
 from kd_jax.train.terms import Outputs, TermContext, init_terms, needs_teacher, owns_variables
@@ -350,7 +351,8 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
                             sync_batch_norm: bool = False,
                             teacher_input_key: str | None = None,
                             mixing: Mixing | None = None, student_map: str = "vmap",
-                            nonfinite: str = "stop"
+                            nonfinite: str = "stop",
+                            method_teachers: Mapping[str, int | EnsembleOf] | None = None
                             ) -> Callable[..., tuple[dict, dict]]:
   """Many students per teacher forward: every method's students trained in one program.
 
@@ -362,11 +364,19 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
 
   Args:
     methods: {method name: loss spec} (as `make_train_step`'s `loss`).
-    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`.
+    teacher_graphdef, axis_name, input_key, cached_teacher: as `make_train_step`;
+      `teacher_graphdef` may also be a tuple of teachers' graph definitions (a pool, see
+      `method_teachers`).
     sync_batch_norm, teacher_input_key, mixing, nonfinite: as `make_train_step` (every student
       sees the same mixed batch, keyed by the step count; each student's "<method>/finite"
       metric, and skipping, are per student).
     loss_options: {method name: per-term options} (optional).
+    method_teachers: with a pool of teachers (`teacher_graphdef` a tuple of graph definitions,
+      `teacher_variables` the tuple of their variables): {method: which teacher it distils},
+      either a pool index or a `kd_jax.teachers.EnsembleOf` (several members combined as
+      `kd_jax.teachers.Ensemble`, e.g. the mean of their softmaxes at temperature T); methods
+      not named read teacher 0. Every teacher some method reads runs once per batch, inside
+      the same program, and each combination is formed from those outputs.
     student_map: how a method's stacked students are run: "vmap" (one vectorised program) or
       "unroll" (each student traced in turn, the same program as a single run, repeated). On
       XLA:CPU a vmapped convolution with per-student kernels becomes a grouped convolution,
@@ -384,7 +394,11 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
   unknown = sorted(set(loss_options) - set(methods))
   if unknown:
     raise ValueError(f"loss_options for unknown method(s) {unknown}; methods: {sorted(methods)}.")
-  steps = {name: make_train_step(spec, teacher_graphdef=teacher_graphdef,
+  pool = tuple(teacher_graphdef) if isinstance(teacher_graphdef, (tuple, list)) else None
+  views = _method_teachers(methods, pool, method_teachers, cached_teacher)
+  graphdefs = {name: teacher_graphdef if pool is None else
+               (pool[v] if isinstance(v, int) else v.resolve(pool)) for name, v in views.items()}
+  steps = {name: make_train_step(spec, teacher_graphdef=graphdefs[name],
                                  loss_options=loss_options.get(name), axis_name=axis_name,
                                  input_key=input_key, cached_teacher=cached_teacher,
                                  sync_batch_norm=sync_batch_norm,
@@ -400,9 +414,14 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
       raise ValueError(f"states hold methods {sorted(states)}, the step {sorted(steps)}.")
     if mixing is not None:  # one draw for all students: the step count of the first one
       batch = any_step.prepare(batch, states[next(iter(steps))].step[0])
-    teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
+    if pool is None:
+      teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
+      teacher_of = {name: teacher for name in steps}
+    else:
+      teacher_of = jax.lax.stop_gradient(pool_outputs(batch, teacher_variables))
     new_states, metrics = {}, {}
     for name, sub in steps.items():
+      teacher = teacher_of[name]
       if student_map == "vmap":
         new_states[name], m = jax.vmap(sub.update, in_axes=(0, None, None))(
             states[name], batch, teacher)
@@ -414,6 +433,67 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
       metrics.update({f"{name}/{k}": v for k, v in m.items()})
     return new_states, metrics
 
+  def pool_outputs(batch, teacher_variables):
+    """{method: its teacher's outputs}, every pool teacher that some method reads run once."""
+    if teacher_variables is None or len(teacher_variables) != len(pool):
+      got = None if teacher_variables is None else len(teacher_variables)
+      raise ValueError(f"the step has a pool of {len(pool)} teachers; pass a tuple of as many "
+                       f"teacher variables (got {got}).")
+    x = batch[teacher_input_key or input_key]
+    used = sorted({i for v in views.values() for i in ((v,) if isinstance(v, int) else v.members)})
+    outs = {i: teacher_outputs(pool[i], teacher_variables[i], x) for i in used}
+    result = {}
+    for name, v in views.items():
+      if isinstance(v, int):
+        result[name] = outs[v]
+      else:
+        ens = graphdefs[name]
+        result[name] = ensemble_terms.combine_outputs(
+            [outs[i] for i in v.members], weights=ens.weights, combine=ens.combine,
+            temperature=ens.temperature)
+    return result
+
+  def method_teacher_variables(name, teacher_variables):
+    """The teacher variables `step.steps[name]` takes (e.g. for its `init`)."""
+    if pool is None:
+      return teacher_variables
+    v = views[name]
+    if isinstance(v, int):
+      return teacher_variables[v]
+    return tuple(teacher_variables[i] for i in v.members)
+
   step.steps = steps
   step.nonfinite = nonfinite
+  step.method_teacher_variables = method_teacher_variables
   return step
+
+
+def _method_teachers(methods, pool, method_teachers, cached_teacher):
+  """{method: pool index or EnsembleOf} (validated); {method: None} without a pool."""
+  method_teachers = dict(method_teachers or {})
+  if pool is None:
+    if method_teachers:
+      raise ValueError("method_teachers needs a pool of teachers: pass teacher_graphdef as a "
+                       "tuple of graph definitions.")
+    return {name: None for name in methods}
+  if not pool:
+    raise ValueError("the pool of teachers (teacher_graphdef) is empty.")
+  if cached_teacher is not None:
+    raise ValueError("pass either a pool of teachers (teacher_graphdef) or cached_teacher.")
+  unknown = sorted(set(method_teachers) - set(methods))
+  if unknown:
+    raise ValueError(f"method_teachers for unknown method(s) {unknown}; methods: "
+                     f"{sorted(methods)}.")
+  views = {}
+  for name in methods:
+    v = method_teachers.get(name, 0)
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+      if not 0 <= int(v) < len(pool):
+        raise ValueError(f"method {name!r} reads teacher {int(v)}, but the pool has "
+                         f"{len(pool)}.")
+      v = int(v)
+    elif not isinstance(v, EnsembleOf):
+      raise ValueError(f"method_teachers[{name!r}] must be a pool index or a "
+                       f"kd_jax.teachers.EnsembleOf, got {v!r}.")
+    views[name] = v
+  return views

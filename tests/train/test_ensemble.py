@@ -149,3 +149,43 @@ def test_restore_ensemble_of_two_architectures_from_orbax(tmp_path):
     teachers.ensemble([ens.members[0], other])
   with pytest.raises(ValueError, match="weights"):
     teachers.Ensemble(ens.graphdef.graphdefs, weights=(1.0,))
+
+
+def test_multi_student_step_over_a_pool_of_teachers():
+  from kd_jax.train import make_multi_student_step, stack_states  # pylint: disable=g-import-not-at-top
+  (g1, v1), (g2, v2) = _split(TEACHERS[0]), _split(TEACHERS[1])
+  spec = "ce:0.1,kd:0.9(temperature=4)"
+  methods = {"kd": spec, "kd_b": spec, "kd_one": spec, "kd_two": spec}
+  views = {"kd_b": 1, "kd_one": teachers.EnsembleOf((0,), temperature=4.0),
+           "kd_two": teachers.EnsembleOf((0, 1), weights=(1, 3), temperature=4.0)}
+  multi = jax.jit(make_multi_student_step(methods, teacher_graphdef=(g1, g2), axis_name=None,
+                                          method_teachers=views))
+  student = ToyNet(width=8, rngs=nnx.Rngs(2))
+  state = TrainState.create(student, optax.sgd(0.3, momentum=0.9), rng=jax.random.key(0))
+  states = {m: stack_states([state]) for m in methods}
+  alone = jax.jit(make_train_step(spec, teacher_graphdef=g2, axis_name=None))
+  b_alone = state
+  for seed in (0, 1):
+    batch = toy_batch(16, seed=seed)
+    if seed == 0:
+      x = jnp.asarray(batch["image"])
+      t1, t2 = (np.float64(t(x, train=False)[0]) for t in TEACHERS)
+      s = np.float64(student(x, train=True)[0])
+      p = 0.25 * np.exp(_np_log_softmax(t1 / 4)) + 0.75 * np.exp(_np_log_softmax(t2 / 4))
+      want = 16.0 * np.mean(np.sum(p * (np.log(p) - _np_log_softmax(s / 4)), -1))
+    states, m = multi(states, batch, (v1, v2))
+    b_alone, _ = alone(b_alone, batch, v2)
+    if seed == 0:
+      np.testing.assert_allclose(m["kd_two/loss/kd"][0], want, rtol=1e-5)
+    np.testing.assert_allclose(m["kd_one/loss/kd"], m["kd/loss/kd"], atol=1e-6)
+  for name, ref in (("kd_one", states["kd"].params), ("kd_b", stack_states([b_alone]).params)):
+    for x, y in zip(jax.tree.leaves(states[name].params), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="not in the pool of 2 teachers"):
+    make_multi_student_step(methods, teacher_graphdef=(g1, g2), axis_name=None,
+                            method_teachers={"kd": teachers.EnsembleOf((0, 2))})
+  with pytest.raises(ValueError, match="needs a pool of teachers"):
+    make_multi_student_step(methods, teacher_graphdef=g1, axis_name=None,
+                            method_teachers={"kd": 0})
+  with pytest.raises(ValueError, match="pass a tuple of as many"):
+    multi(states, toy_batch(16), (v1,))
