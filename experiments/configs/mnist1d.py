@@ -19,6 +19,11 @@ Methods (RepDistiller's weights where they exist):
   teacher's embedding-induced classifier (global class centres of the teacher's embedding over
   the labelled training split, tau_2 = 2), lambda chosen on validation from {1, 10, 100}; no
   stage 1 (the two-stage pipeline is `python -m experiments.refilled`).
+
+`mnist1d.py:modern` (`modern_methods`) compares later methods against the same student and KD:
+logit-standardised KD, DIST, KD + DOT (against KD with the same SGD) and KD from a two-teacher
+ensemble (the CNN teacher and a width-8 CNN teacher, the mean of their softmaxes at T = 4), each
+with its hyperparameters chosen on the validation split.
 """
 
 import ml_collections
@@ -28,7 +33,8 @@ from experiments.configs import digits
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The MLP student's table; `mnist1d.py:narrow` the narrow CNN student's; `mnist1d.py:kd_sweep`
-  the validation sweep of KD's temperature and weights for the MLP."""
+  the validation sweep of KD's temperature and weights for the MLP; `mnist1d.py:modern` the
+  later methods (`modern_methods`)."""
   c = digits.get_config()
   c.dataset = "mnist1d"
   # transfer_samples > 0: that many more generated signals (generation seed transfer_seed) that
@@ -81,7 +87,58 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.method_order = tuple(c.methods)
     c.select_on_val = ml_collections.ConfigDict()
     c.loss_options = ml_collections.ConfigDict()
+  elif arg == "modern":
+    modern_methods(c)
   elif arg:
     raise ValueError(f"unknown mnist1d config argument {arg!r}; expected '', 'transfer', "
-                     "'narrow' or 'kd_sweep'.")
+                     "'narrow', 'kd_sweep' or 'modern'.")
   return c
+
+
+# Candidates chosen on validation accuracy (`select_on_val`).
+LS_KD_TEMPERATURES = (1, 2, 4)      # the authors' base temperature is 2 (CE 0.1 + 9 LS-KD)
+DIST_TEMPERATURES = (1, 4)          # DIST's ImageNet and CIFAR-100 recipes (CE 1 + 2 DIST)
+SGD_LEARNING_RATES = {"lr003": 0.03, "lr01": 0.1, "lr03": 0.3}  # KD, KD + DOT: SGD, cosine
+DOT_DELTA = 0.075                   # mdistiller's
+
+
+def modern_methods(c: ml_collections.ConfigDict) -> None:
+  """The student alone and KD (as the default table), then:
+
+  - ls_kd: CE 0.1 + 9 x KD on z-scored logits, base temperature chosen on val from 1 / 2 / 4;
+  - dist: CE 1 + 2 x DIST (beta = gamma = 1), T chosen on val from 1 / 4;
+  - kd_sgd / kd_dot: the kd row trained with SGD (momentum 0.9, cosine, no weight decay) or with
+    DOT (momenta 0.9 -+ 0.075), each learning rate chosen on val from 0.03 / 0.1 / 0.3; DOT is
+    compared with KD under SGD in pairs;
+  - ensemble: the kd row against the mean of two teachers' softmaxes at T = 4: the CNN teacher
+    and a width-8 CNN (`cnn1d_mnist1d_narrow`, the teacher's recipe); kd_narrow is KD from the
+    width-8 teacher alone.
+  """
+  kd = "ce:0.1,kd:0.9"
+  methods = {"student": "ce:1", "kd": kd}
+  methods.update({f"ls_kd_T{t}": f"ce:0.1,ls_kd:9(temperature={t})" for t in LS_KD_TEMPERATURES})
+  methods.update({f"dist_T{t}": f"ce:1,dist:2(temperature={t})" for t in DIST_TEMPERATURES})
+  optim = {}
+  for tag, lr in SGD_LEARNING_RATES.items():
+    sgd = {"optimizer": "sgd", "learning_rate": lr, "momentum": 0.9, "weight_decay": 0.0}
+    methods[f"kd_sgd_{tag}"], optim[f"kd_sgd_{tag}"] = kd, sgd
+    methods[f"kd_dot_{tag}"], optim[f"kd_dot_{tag}"] = kd, {**sgd, "optimizer": "dot",
+                                                             "delta": DOT_DELTA}
+  methods.update({"kd_narrow": kd, "ensemble": kd})
+  c.methods = ml_collections.ConfigDict(methods)
+  c.method_order = tuple(methods)
+  c.method_optimizer = ml_collections.ConfigDict(optim)
+  c.select_on_val = ml_collections.ConfigDict({
+      "ls_kd": tuple(f"ls_kd_T{t}" for t in LS_KD_TEMPERATURES),
+      "dist": tuple(f"dist_T{t}" for t in DIST_TEMPERATURES),
+      "kd_sgd": tuple(f"kd_sgd_{tag}" for tag in SGD_LEARNING_RATES),
+      "kd_dot": tuple(f"kd_dot_{tag}" for tag in SGD_LEARNING_RATES)})
+  c.compare = (("ls_kd", "kd"), ("dist", "kd"), ("kd_dot", "kd_sgd"), ("ensemble", "kd"))
+  c.loss_options = ml_collections.ConfigDict({"kd": {"temperature": 4.0}})
+  narrow = c.teacher.to_dict()
+  narrow.update(model="cnn1d_mnist1d_narrow", options={"width": 8})
+  # "cnn" equals config.teacher: the same checkpoint, run once per batch.
+  c.teachers = ml_collections.ConfigDict({"cnn": c.teacher.to_dict(), "narrow": narrow})
+  c.method_teachers = ml_collections.ConfigDict({
+      "kd_narrow": {"members": ("narrow",)},
+      "ensemble": {"members": ("cnn", "narrow")}})
