@@ -29,6 +29,17 @@ DOT configs for KD only):
   python -m experiments.main --workdir=/tmp/r32x4_r8x4_logit \\
       --config=experiments/configs/cifar100.py:resnet32x4-resnet8x4:logit
 
+`:ensemble` (pairs of `ENSEMBLES`; `cifar100.py:ensemble` is resnet32x4-resnet8x4:ensemble)
+distils a two-teacher ensemble with the KD recipe: the student alone, KD from the pair's
+teacher, KD from the second teacher alone, and KD against the mean of the two teachers'
+softmaxes at T = 4 (`config.teachers`, `config.method_teachers`); each teacher is trained with
+the same recipe in `<workdir>/teacher` and `<workdir>/teachers/<name>` unless its `checkpoint`
+is set:
+
+  python -m experiments.main --workdir=/tmp/r32x4_w402_r8x4 \\
+      --config=experiments/configs/cifar100.py:ensemble \\
+      --config.teachers.wrn_40_2.checkpoint=teachers/wrn_40_2
+
 Needs CIFAR-100 from TFDS (downloaded and prepared on first use, or `--config.data_dir`).
 """
 
@@ -61,7 +72,9 @@ LS_KD = {
 }
 LS_KD_DEFAULT = (2.0, 9.0)
 DOT_DELTA = 0.075  # mdistiller `CFG.SOLVER.DOT.DELTA` and its CIFAR-100 DOT configs
-VARIANTS = ("", "logit")
+VARIANTS = ("", "logit", "ensemble")
+# Pair -> the second teacher of its `:ensemble` variant.
+ENSEMBLES = {"resnet32x4-resnet8x4": "wrn_40_2"}
 # RepDistiller lowers the learning rate for these students.
 SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 TRAIN_SIZE, BATCH_SIZE = 50_000, 64
@@ -79,6 +92,8 @@ def _schedule(c: ml_collections.ConfigDict, learning_rate: float) -> None:
 
 
 def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
+  if pair == "ensemble":
+    pair = "resnet32x4-resnet8x4:ensemble"
   pair, _, variant = pair.partition(":")
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of the CIFAR-100 config; known: "
@@ -166,6 +181,26 @@ def get_config(pair: str = "resnet32x4-resnet8x4") -> ml_collections.ConfigDict:
         "kd_dot": {"optimizer": "dot", "delta": DOT_DELTA},
         "dkd_dot": {"optimizer": "dot", "delta": DOT_DELTA},
     })
+  if variant == "ensemble":
+    if pair not in ENSEMBLES:
+      raise ValueError(f"the ensemble variant is defined for {', '.join(ENSEMBLES)}, not "
+                       f"{pair!r}.")
+    second = ENSEMBLES[pair]
+    partner = c.teacher.to_dict()
+    partner.update(model=second, checkpoint="")
+    # The pair's teacher is config.teacher itself (equal config: one checkpoint, one forward).
+    c.teachers = ml_collections.ConfigDict({teacher: c.teacher.to_dict(), second: partner})
+    c.methods = ml_collections.ConfigDict({
+        "student": "ce:1",
+        "kd": "ce:0.1,kd:0.9",
+        f"kd_{second}": "ce:0.1,kd:0.9",
+        "kd_ensemble": "ce:0.1,kd:0.9",
+    })
+    c.method_order = ("student", "kd", f"kd_{second}", "kd_ensemble")
+    c.loss_options = ml_collections.ConfigDict({"kd": {"temperature": 4.0}})
+    c.method_teachers = ml_collections.ConfigDict({
+        f"kd_{second}": {"members": (second,)},
+        "kd_ensemble": {"members": (teacher, second), "weights": (1.0, 1.0)}})
   c.ptloss = ml_collections.ConfigDict()
   c.ptloss.select = False
   c.ptloss.epsilon = (0.0,)

@@ -414,11 +414,7 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
       raise ValueError(f"states hold methods {sorted(states)}, the step {sorted(steps)}.")
     if mixing is not None:  # one draw for all students: the step count of the first one
       batch = any_step.prepare(batch, states[next(iter(steps))].step[0])
-    if pool is None:
-      teacher = jax.lax.stop_gradient(any_step.teacher_of(batch, teacher_variables))
-      teacher_of = {name: teacher for name in steps}
-    else:
-      teacher_of = jax.lax.stop_gradient(pool_outputs(batch, teacher_variables))
+    teacher_of = jax.lax.stop_gradient(method_teacher_outputs(batch, teacher_variables))
     new_states, metrics = {}, {}
     for name, sub in steps.items():
       teacher = teacher_of[name]
@@ -433,8 +429,11 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
       metrics.update({f"{name}/{k}": v for k, v in m.items()})
     return new_states, metrics
 
-  def pool_outputs(batch, teacher_variables):
-    """{method: its teacher's outputs}, every pool teacher that some method reads run once."""
+  def method_teacher_outputs(batch, teacher_variables):
+    """{method: its teacher's outputs}; every pool teacher that some method reads runs once."""
+    if pool is None:
+      teacher = any_step.teacher_of(batch, teacher_variables)
+      return {name: teacher for name in steps}
     if teacher_variables is None or len(teacher_variables) != len(pool):
       got = None if teacher_variables is None else len(teacher_variables)
       raise ValueError(f"the step has a pool of {len(pool)} teachers; pass a tuple of as many "
@@ -465,6 +464,7 @@ def make_multi_student_step(methods: Mapping[str, Any], *,
   step.steps = steps
   step.nonfinite = nonfinite
   step.method_teacher_variables = method_teacher_variables
+  step.method_teacher_outputs = method_teacher_outputs
   return step
 
 

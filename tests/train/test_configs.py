@@ -32,7 +32,11 @@ def _all_configs():
       for pair in cifar100.PAIRS:
         yield f"cifar100:{pair}", cifar100.get_config(pair)
       yield "cifar100:vgg13-vgg8:logit", cifar100.get_config("vgg13-vgg8:logit")
+      yield "cifar100:ensemble", cifar100.get_config("ensemble")
       continue
+    if f == "mnist1d":
+      yield "mnist1d:modern", importlib.import_module(f"experiments.configs.{f}").get_config(
+          "modern")
     c = importlib.import_module(f"experiments.configs.{f}").get_config()
     if _is_main_job_config(c):
       yield f, c
@@ -55,6 +59,8 @@ def test_config_is_valid(name, config):
     for term in terms.parse_terms(spec):
       assert term.name in terms.known_terms(), (name, method)
   experiment.validate(config)  # the same checks the main job runs before training
+  for tname, tcfg in (experiment.teacher_configs(config) or {}).items():
+    assert tcfg.model in known, (name, tname)
   for m in config.method_order:
     assert m in config.methods
 
@@ -107,3 +113,42 @@ def test_cifar100_logit_variant_follows_the_published_recipes():
   assert dict(cifar100.get_config("vgg13-vgg8:logit").loss_options.ls_kd) == {"temperature": 3.0}
   with pytest.raises(ValueError, match="unknown variant"):
     cifar100.get_config("vgg13-vgg8:new")
+
+
+def test_cifar100_ensemble_variant_builds():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from kd_jax import teachers  # pylint: disable=g-import-not-at-top
+  from kd_jax.train import make_multi_student_step  # pylint: disable=g-import-not-at-top
+  c = cifar100.get_config("ensemble")
+  assert c.to_dict() == cifar100.get_config("resnet32x4-resnet8x4:ensemble").to_dict()
+  experiment.validate(c, num_classes=100)
+  named = experiment.teacher_configs(c)
+  assert list(named) == ["resnet32x4", "wrn_40_2"]
+  assert named["resnet32x4"].to_dict() == c.teacher.to_dict()  # the pair's teacher itself
+  for tcfg in named.values():  # every teacher on RepDistiller's recipe
+    assert tcfg.num_epochs == 240 and tuple(tcfg.decay_epochs) == (150, 180, 210)
+    assert tcfg.learning_rate == 0.05 and tcfg.weight_decay == 5e-4
+  mt = experiment.method_teachers(c)
+  assert mt["kd_ensemble"]["members"] == ["resnet32x4", "wrn_40_2"]
+  assert mt["kd_ensemble"]["temperature"] == 4.0 and mt["kd_wrn_40_2"]["members"] == ["wrn_40_2"]
+  kd = {t.name: t for t in terms.parse_terms(c.methods.kd_ensemble, {"kd": c.loss_options.kd})}
+  assert kd["ce"].weight == 0.1 and kd["kd"].weight == 0.9
+  # The students' program with both teachers in it, traced on abstract models and a batch of 2.
+  graph = lambda name: nnx.split(nnx.eval_shape(lambda: models.create(
+      name, num_classes=100, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  (g1, p1, r1), (g2, p2, r2) = graph("resnet32x4"), graph("wrn_40_2")
+  index = {"resnet32x4": 0, "wrn_40_2": 1}
+  views = {m: teachers.EnsembleOf(tuple(index[n] for n in v["members"]), v["weights"],
+                                  v["combine"], v["temperature"]) for m, v in mt.items()}
+  specs = {m: c.methods[m] for m in ("kd", "kd_ensemble")}
+  step = make_multi_student_step(specs, teacher_graphdef=(g1, g2), method_teachers=views,
+                                 axis_name=None, loss_options={m: {"kd": {"temperature": 4.0}}
+                                                               for m in specs})
+  batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
+           "label": jax.ShapeDtypeStruct((2,), np.int32)}
+  out = jax.eval_shape(lambda b, v: step.method_teacher_outputs(b, v), batch,
+                       ({"params": p1, "batch_stats": r1}, {"params": p2, "batch_stats": r2}))
+  assert out["kd_ensemble"].logits.shape == (2, 100) and len(out["kd_ensemble"].members) == 2
+  assert out["kd"].logits.shape == (2, 100) and not hasattr(out["kd"], "members")
