@@ -142,13 +142,14 @@ def test_cifar100_ensemble_variant_builds():
   index = {"resnet32x4": 0, "wrn_40_2": 1}
   views = {m: teachers.EnsembleOf(tuple(index[n] for n in v["members"]), v["weights"],
                                   v["combine"], v["temperature"]) for m, v in mt.items()}
-  specs = {m: c.methods[m] for m in ("kd", "kd_ensemble")}
+  specs = dict(c.methods)
   step = make_multi_student_step(specs, teacher_graphdef=(g1, g2), method_teachers=views,
                                  axis_name=None, loss_options={m: {"kd": {"temperature": 4.0}}
-                                                               for m in specs})
+                                                               for m in specs if m != "student"})
   batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
            "label": jax.ShapeDtypeStruct((2,), np.int32)}
   out = jax.eval_shape(lambda b, v: step.method_teacher_outputs(b, v), batch,
                        ({"params": p1, "batch_stats": r1}, {"params": p2, "batch_stats": r2}))
   assert out["kd_ensemble"].logits.shape == (2, 100) and len(out["kd_ensemble"].members) == 2
   assert out["kd"].logits.shape == (2, 100) and not hasattr(out["kd"], "members")
+  assert len(out["kd_wrn_40_2"].members) == 1 and set(out) == set(specs)
