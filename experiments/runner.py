@@ -531,18 +531,23 @@ def _ensemble_teachers(runner: Runner, config, teacher):
   return tuple(pool), views, info
 
 
-def _ensemble_accuracy(runner: Runner, pool, view: EnsembleOf, split: str) -> float:
-  """Top-1 accuracy on `split` of the combined teacher a method distils (its argmax)."""
+def _ensemble_accuracies(runner: Runner, pool, views, split: str) -> dict[str, float]:
+  """{method: top-1 accuracy on `split` of the combined teacher it distils (its argmax)}; each
+  pool teacher's logits computed once."""
   from kd_jax.train.terms import ensemble as ensemble_terms  # pylint: disable=g-import-not-at-top
   from kd_jax.train.terms import Outputs  # pylint: disable=g-import-not-at-top
-  ens = view.resolve([p.graphdef for p in pool])
-  logits = [predict_logits(pool[i].graphdef, jax.device_get(pool[i].variables),
-                           runner.data.eval(split)) for i in view.members]
   labels = np.concatenate([b["label"][b["mask"]] for b in runner.data.eval(split)])
-  combined = ensemble_terms.combine_outputs(
-      [Outputs(jnp.asarray(z), {}) for z in logits], weights=ens.weights, combine=ens.combine,
-      temperature=ens.temperature).logits
-  return float(np.mean(np.argmax(np.asarray(combined), -1) == labels))
+  logits = {i: jnp.asarray(predict_logits(pool[i].graphdef, jax.device_get(pool[i].variables),
+                                          runner.data.eval(split)))
+            for i in sorted({i for v in views.values() for i in v.members})}
+  out = {}
+  for method, view in views.items():
+    ens = view.resolve([p.graphdef for p in pool])
+    combined = ensemble_terms.combine_outputs(
+        [Outputs(logits[i], {}) for i in view.members], weights=ens.weights,
+        combine=ens.combine, temperature=ens.temperature).logits
+    out[method] = float(np.mean(np.argmax(np.asarray(combined), -1) == labels))
+  return out
 
 
 def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
@@ -876,9 +881,8 @@ def _run(config, runner: Runner) -> dict[str, Any]:
   if pool is not None:
     results["teachers"] = members_info
     mt = method_teachers(config)
-    results["method_teachers"] = {
-        m: {**mt[m], "test_accuracy": _ensemble_accuracy(runner, pool, v, "test")}
-        for m, v in views.items()}
+    accuracy = _ensemble_accuracies(runner, pool, views, "test")
+    results["method_teachers"] = {m: {**mt[m], "test_accuracy": accuracy[m]} for m in views}
   states, history = fit_students(runner, config, specs, options, teacher, seeds, pool=pool,
                                  views=views)
   test_step = runner.distill_step(states[next(iter(states))].graphdef, teacher)
