@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -124,12 +125,28 @@ def stop_after(num_steps: int) -> Hook:
 CHECKSUM_FILE = "kd_jax_checksums.json"
 
 
+ORBAX_TMP = ".orbax-checkpoint-tmp"
+
+
+def remove_partial_saves(directory: str) -> list[str]:
+  """Deletes the temporary directories (`<step>.orbax-checkpoint-tmp...`) that a save killed
+  before Orbax's final rename leaves in `directory`; returns their names. Such a directory is
+  never a step, so the previous checkpoint stays the latest (process 0 only)."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return []
+  removed = sorted(e for e in os.listdir(directory) if ORBAX_TMP in e)
+  for entry in removed:
+    shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+  return removed
+
+
 class Checkpointer:
   """Orbax `CheckpointManager` of the student state under `<workdir>/checkpoints`, every array
   under its key path in the state (`kd_jax.checkpoint`, the codec teachers use too)."""
 
   def __init__(self, directory: str, *, every: int, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
+    remove_partial_saves(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
