@@ -7,12 +7,15 @@ Every entry point (`experiments.main`, `.refilled`, `.hetcomp`, `.ptloss_digits`
   every `--config.<key>=<value>` override against it, so a missing config file or an unknown
   key is one line naming the file or the key and the keys allowed there;
 - any exception from the run is printed as one line, `error: <message>`, with exit status 1;
-  `--verbose` prints the traceback as well.
+  `--verbose` prints the traceback as well;
+- result files are written with `write_json` (a temporary file, then `os.replace`), so a
+  killed run leaves the previous file or none.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import traceback
@@ -151,3 +154,15 @@ def run(main: Callable[[list[str]], int | None], default_config: str,
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
   precheck(default_config, argv)
   app.run(guarded(main), argv=argv)
+
+
+def write_json(path: str | os.PathLike, value, *, indent: int | None = 2) -> None:
+  """Writes `value` as JSON to `path` atomically: to `path.tmp`, then `os.replace`, so a kill
+  leaves the previous file or none, never a truncated one."""
+  path = os.fspath(path)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=indent)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

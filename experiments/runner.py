@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import _cli
 from experiments import precision
 from kd_jax import data as data_lib
 from kd_jax import models
@@ -932,7 +933,6 @@ def _run(config, runner: Runner) -> dict[str, Any]:
       results.setdefault("compare", {})[f"{a_name} - {b_name}"] = paired_difference(
           results["methods"][a_name]["test_accuracy"], results["methods"][b_name]["test_accuracy"])
   if jax.process_index() == 0:
-    with open(os.path.join(runner.workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    _cli.write_json(os.path.join(runner.workdir, "results.json"), results)
     print(_table(results), flush=True)
   return results

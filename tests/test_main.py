@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from experiments.configs import digits as default
 from kd_jax import models
 from kd_jax import teachers
 from experiments import runner as experiment
+from tests import _kill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.teacher.num_steps=40", "--config.student.num_steps=12", "--config.seeds=2",
@@ -36,11 +38,19 @@ def _main(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_main_job_end_to_end_and_resume(tmp_path):
-  workdir = tmp_path / "wd"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One uninterrupted run of the tiny main job: (its workdir, the process, results.json and
+  the students' metric records as written)."""
+  workdir = tmp_path_factory.mktemp("main") / "wd"
   proc = _main(f"--workdir={workdir}", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.load(open(workdir / "results.json"))
+  records = [json.loads(l) for l in open(workdir / "students" / "metrics.jsonl")]
+  return workdir, proc, json.load(open(workdir / "results.json")), records
+
+
+def test_main_job_end_to_end_and_resume(tiny_run, tmp_path):
+  workdir, proc, results, _ = tiny_run
   assert list(results["methods"]) == ["student", "kd", "ptloss", "sp"]
   assert results["teacher"]["trained_here"] is True
   # 40 steps of SGD on digits: far above chance (0.1) for the teacher.
@@ -78,7 +88,8 @@ def test_main_job_end_to_end_and_resume(tmp_path):
   # accuracy verified), every run resumes at its last checkpoint (already final), no metric
   # record is repeated, and the results agree.
   moved = tmp_path / "moved"
-  os.rename(workdir, moved)
+  shutil.copytree(workdir, moved)
+  shutil.rmtree(workdir)  # nothing left at the old path to resolve to
   workdir = moved
   # A changed teacher config is refused (before anything trains), unless overwritten.
   changed = _tiny_config()
@@ -93,6 +104,38 @@ def test_main_job_end_to_end_and_resume(tmp_path):
   assert again["teacher"]["test_accuracy"] == results["teacher"]["test_accuracy"]
   for name, r in results["methods"].items():
     assert again["methods"][name]["test_accuracy"] == r["test_accuracy"], name
+
+
+def _without_timing(records):
+  return [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in records]
+
+
+def test_main_job_killed_twice_restarts_to_the_same_results(tiny_run, tmp_path):
+  # Killed inside the teacher's save (the 9th Orbax save: teacher checkpoints at steps 5..40,
+  # then teacher/checkpoint), then after student step 8 (student checkpoint 5), then finished:
+  # the same results and metric records as the uninterrupted run.
+  _, _, want, want_records = tiny_run
+  workdir = tmp_path / "wd"
+  args = ("--config=experiments/configs/digits.py", f"--workdir={workdir}", *TINY)
+  proc = _kill.run("experiments.main", *args, kill=_kill.in_save(9))
+  _kill.assert_killed(proc)
+  assert "40" in os.listdir(workdir / "teacher" / "checkpoints")
+  assert not (workdir / "teacher" / "checkpoint").exists()
+  assert any(e.startswith("checkpoint.orbax-checkpoint-tmp")
+             for e in os.listdir(workdir / "teacher"))
+  proc = _kill.run("experiments.main", *args, kill=_kill.at_step("students", 8))
+  _kill.assert_killed(proc)
+  assert os.listdir(workdir / "students" / "checkpoints") == ["5"]
+  assert not (workdir / "results.json").exists()
+  proc = _kill.run("experiments.main", *args)
+  _kill.assert_ok(proc)
+  got, want = json.load(open(workdir / "results.json")), json.loads(json.dumps(want))
+  for r in (got, want):  # the last start restored the teacher that the second one saved
+    r["teacher"].pop("trained_here")
+  assert got == want  # bit for bit: the same compiled programs on the same batches
+  records = [json.loads(l) for l in open(workdir / "students" / "metrics.jsonl")]
+  assert _without_timing(records) == _without_timing(want_records)
+  assert not [e for e in os.listdir(workdir / "teacher") if "tmp" in e]
 
 
 def test_bad_input_stops_before_training(tmp_path):
