@@ -25,13 +25,17 @@ names a directory for `results.json` (per-seed values, spreads and paired differ
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from experiments import _cli
 
 METRICS = ("recall@10", "recall@50", "ndcg@10", "ndcg@50", "popularity_lift")
 TEACHER_LABELS = {"mf": "Teacher BPR-MF", "cml": "Teacher CML", "neumf": "Teacher NeuMF",
@@ -163,6 +167,11 @@ def _fractions(text: str) -> tuple[float, ...]:
 def distill_configs(config, seed):
   """[(row label, DistillConfig)] for one seed: the ablation, RRD, HetComp and our two
   debiasing variants (when `config.debias`)."""
+  return [(label, cfg) for _, label, cfg in distill_runs(config, seed)]
+
+
+def distill_runs(config, seed):
+  """[(method key of `DISTILLED`, row label, DistillConfig)] for one seed (`distill_configs`)."""
   from kd_jax.recsys import distill  # pylint: disable=g-import-not-at-top
   # CPU budget (our deviation, docs/hetcomp.md): every user once per epoch in batches of 256 at
   # lr 1e-2; the schedule keeps the official step counts. official_batching=True restores the
@@ -183,7 +192,106 @@ def distill_configs(config, seed):
     for name in ("rerank", "weight"):
       runs[name] = (f"HetComp + dissensus {name} (ours)",
                     dataclasses.replace(base, debias=name))
-  return [runs[k] for k in _methods(config, runs)]
+  return [(k, *runs[k]) for k in _methods(config, runs)]
+
+
+# ---------------------------------------------------------------------------- resume
+#
+# With --workdir, a restarted run reuses what a killed one finished: every teacher trajectory
+# (and the student alone) is recorded in `<dir>/trajectory.json` with a checksum of its
+# settings (spec, seed, trajectory rule, split) once all its checkpoints are saved; a teacher
+# directory without that record is a killed training and is deleted (its Orbax steps, partial
+# ones included) and trained again from its seed. A record with another checksum is refused
+# (another config in the same workdir). Every finished distillation is recorded as
+# `seed<s>/distill/<method>-<checksum>.json`, the checksum covering its DistillConfig and the
+# teachers' records. Training is deterministic given the seeds, so a restarted run writes the
+# results.json of an uninterrupted one (tests/recsys/test_hetcomp_resume.py).
+
+TRAJECTORY_FILE = "trajectory.json"
+RESUME_FORMAT = 1
+
+
+def checksum(value) -> str:
+  """SHA-256 of the canonical JSON of `value` (keys sorted)."""
+  return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def split_checksum(split) -> str:
+  """SHA-256 of a `Split`'s sizes and its train / valid / test CSR arrays."""
+  h = hashlib.sha256(f"{split.num_users},{split.num_items}".encode())
+  for part in ("train", "valid", "test"):
+    for a in getattr(split, part):
+      h.update(np.ascontiguousarray(np.asarray(a, np.int64)).tobytes())
+  return h.hexdigest()
+
+
+def _spec_dict(spec) -> dict:
+  return {"model": spec.cls.__name__, "dim": spec.dim, "epochs": spec.epochs, "lr": spec.lr,
+          "batch_size": spec.batch_size, "kwargs": [list(kv) for kv in spec.kwargs]}
+
+
+def _read_record(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:  # written atomically, so only a hand edit or a disk fault gets here
+    raise ConfigError(f"{path} is not valid JSON ({e}); delete it to recompute that part.") \
+        from None
+
+
+def trained_trajectory(name: str, split, directory: str, *, settings: dict, **train_kwargs):
+  """`teachers.train_teacher(name, split, directory, **train_kwargs)`, or its recorded result.
+
+  `settings` (JSON-able: everything the trajectory depends on) is recorded with its checksum
+  in `directory/trajectory.json` after the training; a later call with the same settings
+  restores that record instead of training. A directory without the record (a killed run) is
+  removed first. Returns (Trajectory, record).
+
+  Raises:
+    ConfigError: the record was written with other settings (naming the keys that differ).
+  """
+  from kd_jax.recsys import teachers  # pylint: disable=g-import-not-at-top
+  settings = json.loads(json.dumps({"format": RESUME_FORMAT, "teacher": name, **settings}))
+  digest = checksum(settings)
+  path = os.path.join(directory, TRAJECTORY_FILE)
+  if os.path.exists(path):
+    rec = _read_record(path)
+    if rec.get("checksum") != digest:
+      old = rec.get("settings", {})
+      diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+      shown = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
+      raise ConfigError(
+          f"workdir holds teacher {name!r} at {directory} trained with other settings "
+          f"({shown}); use another --workdir, or delete that directory to retrain it.")
+    saved = teachers.saved_epochs(directory)
+    if all(e in saved for e in rec["epochs"]):
+      return teachers.Trajectory(name, os.path.abspath(directory), list(rec["epochs"]),
+                                 rec.get("valid_recall")), rec
+    os.remove(path)  # its checkpoints are gone: train it again
+  if os.path.exists(directory):  # a killed training: its steps, finished or partial, go
+    shutil.rmtree(directory)
+  traj = teachers.train_teacher(name, split, directory, **train_kwargs)
+  rec = {"checksum": digest, "settings": settings, "epochs": list(traj.epochs),
+         "valid_recall": traj.valid_recall}
+  _cli.write_json(path, rec)
+  return traj, rec
+
+
+def recorded_distillation(directory: str, key: str, settings: dict, compute):
+  """`compute()` (a JSON-able result), or the one recorded for `key` and `settings` in
+  `directory/<key>-<checksum>.json` by an earlier (killed) run."""
+  settings = json.loads(json.dumps({"format": RESUME_FORMAT, "method": key, **settings},
+                                   default=str))
+  digest = checksum(settings)
+  path = os.path.join(directory, f"{key}-{digest[:16]}.json")
+  if os.path.exists(path):
+    rec = _read_record(path)
+    if rec.get("checksum") == digest:
+      return rec["result"]
+  result = compute()
+  os.makedirs(directory, exist_ok=True)
+  _cli.write_json(path, {"checksum": digest, "settings": settings, "result": result})
+  return result
 
 
 def _methods(config, runs) -> list[str]:
@@ -235,11 +343,15 @@ def run_seed(inter, seed, workdir, config, bar):
   if config.quick:
     specs = {k: dataclasses.replace(s, epochs=max(4, s.epochs // 8)) for k, s in specs.items()}
   fractions = _fractions(config.quality_fractions)
-  results, scorers, trajectories = {}, [], {}
+  split_id = split_checksum(split)
+  results, scorers, trajectories, records = {}, [], {}, {}
   for name in teachers.TEACHER_NAMES:
-    traj = teachers.train_teacher(name, split, os.path.join(workdir, f"seed{seed}", name),
-                                  seed=seed, spec=specs[name], ctx=ctx, progress=note,
-                                  select=config.trajectory, fractions=fractions)
+    traj, records[name] = trained_trajectory(
+        name, split, os.path.join(workdir, f"seed{seed}", name),
+        settings={"spec": _spec_dict(specs[name]), "seed": seed, "select": config.trajectory,
+                  "fractions": list(fractions), "split": split_id},
+        seed=seed, spec=specs[name], ctx=ctx, progress=note, select=config.trajectory,
+        fractions=fractions)
     models = [teachers.restore_teacher(name, split, traj.directory, e, spec=specs[name])
               for e in traj.epochs]
     scorers.append([teachers.score_fn(m, ctx) for m in models])
@@ -250,9 +362,11 @@ def run_seed(inter, seed, workdir, config, bar):
   # Student alone: BPR on MF(config.student_dim); its best validation epoch is reported.
   note("student alone (BPR)")
   bspec = student.bpr_student_spec(dim=config.student_dim, epochs=8 if config.quick else 64)
-  traj = teachers.train_teacher("mf", split, os.path.join(workdir, f"seed{seed}", "student"),
-                                seed=seed, spec=bspec, ctx=ctx, progress=note,
-                                select="validation", fractions=(0.5,))
+  traj, _ = trained_trajectory(
+      "mf", split, os.path.join(workdir, f"seed{seed}", "student"),
+      settings={"spec": _spec_dict(bspec), "seed": seed, "select": "validation",
+                "fractions": [0.5], "split": split_id},
+      seed=seed, spec=bspec, ctx=ctx, progress=note, select="validation", fractions=(0.5,))
   best = teachers.restore_teacher("mf", split, traj.directory, traj.epochs[-1], spec=bspec)
   results[STUDENT] = measure(teachers.score_fn(best, ctx), best_epoch=traj.epochs[-1])
   bar.update(1)
@@ -263,17 +377,37 @@ def run_seed(inter, seed, workdir, config, bar):
     results[stage_label(v)] = measure(stage_scorer(know, v))
   bar.update(1)
 
-  for label, cfg in distill_configs(config, seed):
+  # The knowledge is a function of the teachers' records (each covers the split and the seed).
+  know_id = checksum({"teachers": {n: r["checksum"] for n, r in records.items()},
+                      "epochs": {n: r["epochs"] for n, r in records.items()}, "top_n": 100})
+
+  def distilled(label, cfg):
     res = distill.distill(split, know, cfg, progress=lambda m, l=label: note(f"{l}: {m}"))
     spe = max(res.steps_per_epoch, 1)
-    results[label] = dict(res.test, seed=seed, steps=res.steps_run, best_step=res.best_step,
-                          best_epoch=round(res.best_step / spe, 1), steps_per_epoch=spe,
-                          dkc_finished_step=res.dkc_finished_step, capped=res.capped,
-                          **{"valid_recall@50": res.valid.get("recall@50")})
+    out = dict(res.test, seed=seed, steps=res.steps_run, best_step=res.best_step,
+               best_epoch=round(res.best_step / spe, 1), steps_per_epoch=spe,
+               dkc_finished_step=res.dkc_finished_step, capped=res.capped,
+               **{"valid_recall@50": res.valid.get("recall@50")})
     if res.dkc_trace:
-      results[label]["dkc_trace"] = res.dkc_trace
+      out["dkc_trace"] = res.dkc_trace
+    return json.loads(json.dumps(out, default=_json_default))
+
+  for key, label, cfg in distill_runs(config, seed):
+    results[label] = recorded_distillation(
+        os.path.join(workdir, f"seed{seed}", "distill"), key,
+        {"label": label, "config": dataclasses.asdict(cfg), "knowledge": know_id},
+        lambda label=label, cfg=cfg: distilled(label, cfg))
     bar.update(1)
   return results
+
+
+def _json_default(x):
+  """numpy scalars and arrays in a result as plain JSON numbers and lists."""
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
 def _collect(per_seed, order, res):
@@ -380,10 +514,10 @@ def run(config, workdir: str = ""):
 
 def _write(out, seeds, quick, seconds, records, pairs=()):
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"seeds": seeds, "quick": quick, "seconds": seconds,
-               "spread": "sample standard deviation over seeds (ddof=1)", "records": records,
-               "paired": list(pairs)}, f, indent=2)
+  _cli.write_json(os.path.join(out, "results.json"),
+                  {"seeds": seeds, "quick": quick, "seconds": seconds,
+                   "spread": "sample standard deviation over seeds (ddof=1)",
+                   "records": records, "paired": list(pairs)})
 
 
 def _define_flags():
@@ -412,7 +546,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import _cli  # pylint: disable=g-import-not-at-top
   _cli.precheck(_DEFAULT_CONFIG)
   _define_flags()
   _cli.run(main, _DEFAULT_CONFIG)  # errors: one line, `--verbose` for the traceback

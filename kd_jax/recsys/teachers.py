@@ -452,6 +452,17 @@ def train_teacher(name: str, split: Split, directory: str, *, seed: int = 0,
                     [float(x) for x in curve] if by_val else None)
 
 
+def saved_epochs(directory: str) -> list[int]:
+  """The epochs whose checkpoints are saved (finalized) in the trajectory `directory`."""
+  if not os.path.isdir(directory):
+    return []
+  mgr = _manager(directory)
+  try:
+    return sorted(mgr.all_steps())
+  finally:
+    mgr.close()
+
+
 def restore_teacher(name: str, split: Split, directory: str, epoch: int, *,
                     spec: TeacherSpec | None = None):
   """Restores teacher `name` at a saved `epoch` of its trajectory (Orbax, abstract target)."""
