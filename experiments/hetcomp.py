@@ -10,6 +10,9 @@
 The config (experiments/configs/hetcomp.py, the default) holds every option; `--workdir` is where
 the teacher trajectories are saved (default: a temporary directory, removed at the end). The
 ratings are read where they are (`config.data_dir`), never copied. See docs/hetcomp.md.
+Restarted with the same `--workdir` after a kill, the run reuses every finished teacher
+trajectory and distillation and writes the results.json of an uninterrupted run ("resume"
+below); a workdir whose teachers were trained with other settings is refused.
 
 For each seed: split (60/20/20, fixed by `config.split_seed`), train the six teachers and keep
 the 4-checkpoint Orbax trajectories chosen by validation quality, evaluate them, train the

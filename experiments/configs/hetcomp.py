@@ -11,7 +11,8 @@ steps per ML-100k epoch), no step cap unless `max_steps` is set (a run that reac
 "[capped]"). Batches follow our CPU budget (every user once per epoch in batches of 256, lr
 1e-2; docs/hetcomp.md); `official_batching=True` restores the official code's 1024-interaction
 batches at lr 1e-3. `--workdir` (a flag of `experiments.hetcomp`, not a config field) is where
-the teacher trajectories are saved; by default a temporary directory.
+the teacher trajectories are saved; by default a temporary directory. A run restarted in the
+same `--workdir` reuses its finished teachers and distillations (experiments/hetcomp.py).
 """
 
 import ml_collections
