@@ -23,13 +23,12 @@ Perturbed Loss" (KDD 2024; docs/ptloss.md) at toy scale:
    predicts the student's test accuracy. Pearson and Spearman correlations over a set of
    candidates spread over the score range, each student trained briefly.
 
-Prints a table; `--out` writes everything as JSON.
+Prints a table; `--out` writes everything as JSON (atomically: a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 
@@ -440,9 +439,9 @@ def main(argv):
   del argv
   res = run(flags.FLAGS.config)
   print(format_table(res))
-  if flags.FLAGS.out:
-    with open(flags.FLAGS.out, "w") as f:
-      json.dump(_to_jsonable(res), f, indent=1)
+  if flags.FLAGS.out:  # atomically: a kill leaves the previous file (or none), never half
+    from experiments import _cli  # pylint: disable=g-import-not-at-top
+    _cli.write_json(flags.FLAGS.out, _to_jsonable(res), indent=1)
   return 0
 
 

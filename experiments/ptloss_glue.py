@@ -158,9 +158,10 @@ def main(argv):
   del argv
   res = run(flags.FLAGS.config)
   print(format_table(res))
-  if flags.FLAGS.out:
-    with open(flags.FLAGS.out, "w") as f:
-      json.dump(res, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+  if flags.FLAGS.out:  # atomically: a kill leaves the previous file (or none), never half
+    from experiments import _cli  # pylint: disable=g-import-not-at-top
+    _cli.write_json(flags.FLAGS.out, json.loads(json.dumps(
+        res, default=lambda x: x.item() if hasattr(x, "item") else str(x))), indent=1)
   return 0
 
 

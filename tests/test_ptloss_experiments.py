@@ -1,5 +1,8 @@
 """PTLoss experiments: the digits study's parts by hand formulas; both pipelines end to end."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +121,34 @@ def test_glue_experiment_on_mock_data(mock_tfds):
   for r in res["students"].values():
     assert r["test"]["count"] == 16 and np.isfinite(r["last_train_metrics"]["loss"])
   assert "ptloss" in ptloss_glue.format_table(res)
+
+
+TINY_DIGITS = ["--config.num_seeds=2", "--config.progress=false", "--config.teacher.num_steps=30",
+               "--config.student.num_epochs=2", "--config.kd_temperatures=(1.0,)",
+               "--config.smoothing_weights=(0.1,0.4)", "--config.ptloss.num_candidates=16",
+               "--config.ptloss.per_class_row=false", "--config.correlation.num_candidates=7"]
+
+
+def test_digits_experiment_rerun_after_a_kill_gives_the_same_output(tmp_path):
+  from tests import _kill  # pylint: disable=g-import-not-at-top
+
+  def output(path):
+    blob = json.load(open(path))
+    assert blob.pop("seconds") > 0  # wall-clock: the one field that may differ
+    return blob
+
+  ref = tmp_path / "ref.json"
+  _kill.assert_ok(_kill.run("experiments.ptloss_digits", f"--out={ref}", *TINY_DIGITS))
+  out = tmp_path / "out.json"
+  out.write_text('{"previous": "run"}')
+  # Killed mid-run (PTLoss's coefficient selection), then inside the write of --out, after the
+  # temporary file is complete and before the rename: the previous file is intact both times.
+  for kill in (_kill.at_call("kd_jax.ptloss:select_coefficients", 1),
+               _kill.at_call("os:fsync", 1, after=True)):
+    proc = _kill.run("experiments.ptloss_digits", f"--out={out}", *TINY_DIGITS, kill=kill)
+    _kill.assert_killed(proc)
+    assert json.load(open(out)) == {"previous": "run"}
+  assert json.load(open(str(out) + ".tmp"))["methods"]  # the kill landed inside the write
+  _kill.assert_ok(_kill.run("experiments.ptloss_digits", f"--out={out}", *TINY_DIGITS))
+  assert output(out) == output(ref)
+  assert not os.path.exists(str(out) + ".tmp")
