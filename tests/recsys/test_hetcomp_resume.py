@@ -48,6 +48,7 @@ def _results(out):
   return blob
 
 
+@pytest.mark.slow  # ~50 s of CPU time: five starts of the experiment
 def test_killed_in_a_teacher_save_and_in_a_distillation_restarts_to_the_same_results(
     data_dir, tmp_path):
   full = tmp_path / "full_out"

@@ -29,6 +29,7 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~50 s of CPU time: four runs of the experiment
 def test_killed_after_the_stage1_save_and_in_stage2_restarts_to_the_same_results(
     uninterrupted, tmp_path):
   args = (*TINY, f"--workdir={tmp_path}")
