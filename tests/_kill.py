@@ -11,8 +11,9 @@ then runs MODULE as `__main__` (`runpy`). Kill points (strings, built by the fun
 
 - `fit:<name>:<N>`: in `kd_jax.train.loop.fit` of the run named `name`, once the state reaches
   step N (after that step was dispatched, before anything is saved for it);
-- `call:<module>:<qualname>:<N>[:after]`: at the N-th call of that function or method, before
-  it runs (or right after it returns, with `:after`);
+- `call:<module>:<qualname>:<N>[:after][@<module>:<qualname>:<K>]`: at the N-th call of that
+  function or method, before it runs (or right after it returns, with `:after`); with `@...`,
+  counting only the calls made during the K-th call of the second function;
 - `save:<N>`: inside Orbax's N-th atomic save of this process (a train checkpoint or a teacher),
   after its files are written and before the final rename of its temporary directory
   (`AtomicRenameTemporaryPath.finalize`).
@@ -39,9 +40,13 @@ def at_step(name: str, step: int) -> str:
   return f"fit:{name}:{int(step)}"
 
 
-def at_call(target: str, n: int = 1, *, after: bool = False) -> str:
-  """Kill at the `n`-th call of `target` ("module:Qual.name"), before it runs or after."""
-  return f"call:{target}:{int(n)}" + (":after" if after else "")
+def at_call(target: str, n: int = 1, *, after: bool = False, within: str | None = None,
+            within_call: int = 1) -> str:
+  """Kill at the `n`-th call of `target` ("module:Qual.name"), before it runs or after; with
+  `within` ("module:Qual.name"), the `n`-th call made during the `within_call`-th call of that
+  function (e.g. the 3rd batch of the 2nd distillation)."""
+  return (f"call:{target}:{int(n)}" + (":after" if after else "") +
+          (f"@{within}:{int(within_call)}" if within else ""))
 
 
 def in_save(n: int) -> str:
@@ -86,13 +91,31 @@ def _resolve(target: str):
   return owner, parts[-1]
 
 
-def _patch_call(target: str, n: int, after: bool) -> None:
+def _patch_call(target: str, n: int, after: bool, within: str | None = None) -> None:
+  active = [within is None]
+  if within is not None:  # count only during the k-th call of `within`
+    outer_target, k = within.rsplit(":", 1)
+    o_owner, o_attr = _resolve(outer_target)
+    o_original, o_calls = getattr(o_owner, o_attr), [0]
+
+    @functools.wraps(o_original)
+    def outer(*args, **kwargs):
+      o_calls[0] += 1
+      active[0] = o_calls[0] == int(k)
+      try:
+        return o_original(*args, **kwargs)
+      finally:
+        active[0] = False
+
+    setattr(o_owner, o_attr, outer)
   owner, attr = _resolve(target)
   original = getattr(owner, attr)
   calls = [0]
 
   @functools.wraps(original)
   def wrapper(*args, **kwargs):
+    if not active[0]:
+      return original(*args, **kwargs)
     calls[0] += 1
     if calls[0] == n and not after:
       _die()
@@ -151,11 +174,12 @@ def install(spec: str | None) -> None:
   elif kind == "save":
     _patch_save(int(rest))
   elif kind == "call":
+    rest, _, within = rest.partition("@")
     parts = rest.split(":")
     after = parts[-1] == "after"
     if after:
       parts = parts[:-1]
-    _patch_call(f"{parts[0]}:{parts[1]}", int(parts[2]), after)
+    _patch_call(f"{parts[0]}:{parts[1]}", int(parts[2]), after, within or None)
   else:
     raise ValueError(f"{ENV}: unknown kill point {spec!r}")
 

@@ -13,9 +13,9 @@ import pytest
 from tests import _kill
 
 HETCOMP = "experiments.hetcomp"
-# RRD runs first (10 batch chunks of 20 steps at quick settings), then HetComp: the 14th chunk
-# is inside HetComp's distillation.
-KILL_IN_HETCOMP = _kill.at_call("kd_jax.recsys.distill:BatchStream.take", 14)
+# RRD is distilled first, then HetComp: killed at HetComp's 4th batch chunk (of 20 steps).
+KILL_IN_HETCOMP = _kill.at_call("kd_jax.recsys.distill:BatchStream.take", 4,
+                                within="kd_jax.recsys.distill:distill", within_call=2)
 # The 6th Orbax save: BPR-MF's four trajectory epochs, then CML's second (epochs 1, 2, 3, 5).
 KILL_IN_CML_SAVE = _kill.in_save(6)
 
