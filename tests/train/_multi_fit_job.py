@@ -11,19 +11,16 @@ import os
 import sys
 
 import jax
+import numpy as np
+import optax
+from flax import nnx
 
-jax.config.update("jax_num_cpu_devices", 2)
-
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from kd_jax import data  # noqa: E402
-from kd_jax import parallel  # noqa: E402
-from kd_jax.train import loop  # noqa: E402
-from kd_jax.train.state import TrainState  # noqa: E402
-from kd_jax.train.step import make_multi_student_step, stack_states  # noqa: E402
-from tests.train._toy import ToyNet, toy_batch  # noqa: E402
+from kd_jax import data
+from kd_jax import parallel
+from kd_jax.train import loop
+from kd_jax.train.state import TrainState
+from kd_jax.train.step import make_multi_student_step, stack_states
+from tests.train._toy import ToyNet, toy_batch
 
 METHODS = {"kd": "ce:0.1,kd:0.9(temperature=2)", "sp": "ce:1,sp:30"}
 SEEDS, STEPS, EVERY = (0, 1), 10, 3
@@ -57,4 +54,7 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
+  # Only in the child process: the test that imports this module for its constants runs in a
+  # process whose JAX backends (8 simulated devices, tests/conftest.py) may already be up.
+  jax.config.update("jax_num_cpu_devices", 2)
   main(sys.argv[1])
