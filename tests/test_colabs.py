@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from tests import _numpy_reference
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLABS = ROOT / "colabs"
 # The repository the badges and the install cells name (README: "Notebooks").
@@ -105,19 +107,11 @@ def _number(pattern, text):
   return float(m.group(1))
 
 
-def _np_kd(s, t, temperature):
-  def log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-  lt, ls = log_softmax(t / temperature), log_softmax(s / temperature)
-  return temperature**2 * (np.exp(lt) * (lt - ls)).sum(-1)
-
-
 def test_quickstart_runs(monkeypatch):
   nb = _execute("quickstart", monkeypatch)
   text = _text(nb)
   kd = re.search(r"KD per example: \[([-0-9.e ]+)\]", text).group(1).split()
-  want = _np_kd(np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]),
+  want = _numpy_reference.kd(np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]),
                 np.array([[3.0, 0.0, -2.0], [0.0, 0.0, 4.0]]), 4.0)
   np.testing.assert_allclose([float(x) for x in kd], want, rtol=1e-4)
   assert "error: unknown loss term 'kdd'" in text
