@@ -178,6 +178,12 @@ class ConfigError(ValueError):
   """A config that cannot run, found before anything trains (one line, naming the key)."""
 
 
+def _term_options(spec: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """The entries of `config.loss_options` (shared by all methods) for the terms `spec` has."""
+  present = {t.name for t in terms_lib.parse_terms(spec)}
+  return {k: v for k, v in options.items() if k in present}
+
+
 def teacher_configs(config) -> dict[str, ml_collections.ConfigDict] | None:
   """`config.teachers` as {name: teacher config}; None when the config has no such key.
 
@@ -229,8 +235,7 @@ def method_teachers(config) -> dict[str, dict[str, Any]]:
       raise ConfigError(f"{where}: unknown key(s) {unknown}; expected members, weights, combine, "
                         "temperature.")
     members = entry.get("members", ())
-    members = [members] if isinstance(members, (str, int)) else [str(m) for m in members]
-    members = [str(m) for m in members]
+    members = [str(m) for m in ([members] if isinstance(members, (str, int)) else members)]
     if not members:
       raise ConfigError(f"{where}.members is empty: name at least one of config.teachers "
                         f"({', '.join(named)}).")
@@ -249,9 +254,7 @@ def method_teachers(config) -> dict[str, dict[str, Any]]:
     if combine not in ENSEMBLE_COMBINE:
       raise ConfigError(f"{where}.combine must be one of {ENSEMBLE_COMBINE}, got {combine!r}.")
     spec = config.methods[method]
-    present = {t.name for t in terms_lib.parse_terms(spec)}
-    parsed = {t.name: t for t in terms_lib.parse_terms(
-        spec, {k: v for k, v in options.items() if k in present})}
+    parsed = {t.name: t for t in terms_lib.parse_terms(spec, _term_options(spec, options))}
     kd_t = float(parsed["kd"].term.temperature) if "kd" in parsed else None
     temperature = float(entry.get("temperature") or 0.0) or (kd_t or 1.0)
     if not temperature > 0:
@@ -311,8 +314,7 @@ def validate(config: ml_collections.ConfigDict, *, num_classes: int | None = Non
   options = dict(config.get("loss_options", {}) or {})
   for method, spec in dict(config.methods).items():
     try:
-      present = {t.name for t in terms_lib.parse_terms(spec)}
-      terms_lib.parse_terms(spec, {k: v for k, v in options.items() if k in present})
+      terms_lib.parse_terms(spec, _term_options(spec, options))
     except ValueError as e:
       raise ValueError(f"method {method!r}: {e}") from None
   t_classes = config.teacher.get("num_classes") or num_classes
@@ -602,8 +604,7 @@ def _ptloss_epsilon(runner: Runner, config, teacher) -> tuple[list, dict]:
 
 def _uses_global_centers(spec: str, options: Mapping[str, Mapping[str, Any]]) -> bool:
   """Whether a loss spec has ReFilled's stage-2 term with the teacher's global class centres."""
-  present = {t.name for t in terms_lib.parse_terms(spec)}
-  parsed = terms_lib.parse_terms(spec, {k: v for k, v in options.items() if k in present})
+  parsed = terms_lib.parse_terms(spec, _term_options(spec, options))
   return any(t.name == "refilled_classifier" and t.term.centers == "global" for t in parsed)
 
 
@@ -723,9 +724,7 @@ def fit_students(runner: Runner, config, specs: Mapping[str, str],
   txs = {m: _optimizer(ml_collections.ConfigDict({**scfg.to_dict(), **dict(overrides[m])})
                        if m in overrides else scfg, spe) for m in specs}
   axis = None if runner.mode == "none" else parallel.BATCH_AXIS
-  per_method = {m: {k: v for k, v in options.items()
-                    if k in {t.name for t in terms_lib.parse_terms(spec)}}
-                for m, spec in specs.items()}
+  per_method = {m: _term_options(spec, options) for m, spec in specs.items()}
   sync_bn = bool(config.get("sync_batch_norm", False))
   mixing = dict(config.get("mixing", {}) or {})
   step = make_multi_student_step(
