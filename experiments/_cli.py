@@ -20,6 +20,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 VERBOSE_HELP = "Print the full traceback of an error (by default errors are one line)."
 
@@ -156,13 +157,14 @@ def run(main: Callable[[list[str]], int | None], default_config: str,
   app.run(guarded(main), argv=argv)
 
 
-def write_json(path: str | os.PathLike, value, *, indent: int | None = 2) -> None:
+def write_json(path: str | os.PathLike, value, *, indent: int | None = 2,
+               default: Callable[[Any], Any] | None = None) -> None:
   """Writes `value` as JSON to `path` atomically: to `path.tmp`, then `os.replace`, so a kill
-  leaves the previous file or none, never a truncated one."""
+  leaves the previous file or none, never a truncated one. `default` as `json.dump`'s."""
   path = os.fspath(path)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(value, f, indent=indent)
+    json.dump(value, f, indent=indent, default=default)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)

@@ -21,7 +21,6 @@ end to end offline on `tfds.testing.mock_data` (tests/test_ptloss_experiments.py
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
 
@@ -160,8 +159,8 @@ def main(argv):
   print(format_table(res))
   if flags.FLAGS.out:  # atomically: a kill leaves the previous file (or none), never half
     from experiments import _cli  # pylint: disable=g-import-not-at-top
-    _cli.write_json(flags.FLAGS.out, json.loads(json.dumps(
-        res, default=lambda x: x.item() if hasattr(x, "item") else str(x))), indent=1)
+    _cli.write_json(flags.FLAGS.out, res, indent=1,
+                    default=lambda x: x.item() if hasattr(x, "item") else str(x))
   return 0
 
 
