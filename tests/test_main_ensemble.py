@@ -13,6 +13,7 @@ import pytest
 from experiments import runner as experiment
 from experiments.configs import digits
 from kd_jax import teachers
+from tests._numpy_reference import log_softmax as _np_log_softmax
 
 T = 4.0
 
@@ -35,11 +36,6 @@ def _config(teacher_checkpoint=""):
   c.method_teachers = {"kd_one": {"members": ("same",)},
                        "kd_two": {"members": ("same", "mlp"), "weights": (1.0, 3.0)}}
   return c
-
-
-def _np_log_softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def test_ensembles_in_the_main_job(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from kd_jax.losses import proxy_teacher
 from kd_jax.ptloss import closeness, sample_candidates, select_coefficients
+from tests._numpy_reference import log_softmax as _np_log_softmax
 
 N, K = 48, 10
 
@@ -16,11 +17,6 @@ def _data(seed=0, sharp=2.0):
   y = rng.integers(0, K, size=N)
   logits = rng.normal(size=(N, K)) + sharp * np.eye(K)[y]
   return logits.astype(np.float32), y
-
-
-def _np_log_softmax(x):
-  x = x - x.max(-1, keepdims=True)
-  return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _np_proxy(pt, eps, iters=4000):

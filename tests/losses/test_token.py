@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kd_jax import losses
+from tests._numpy_reference import log_softmax as _np_log_softmax
 
 GOLDEN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "token",
                       "trl_golden.npz")
@@ -18,11 +19,6 @@ GOLDEN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "t
 def golden():
   with np.load(GOLDEN) as f:
     return dict(f)
-
-
-def _np_log_softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def _np_losses(s, t, temperature=1.0, beta=0.5):

@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 
 from kd_jax import losses
-
-
-def _np_log_softmax(x):
-  x = x - x.max(-1, keepdims=True)
-  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+from tests._numpy_reference import log_softmax as _np_log_softmax
 
 
 def _np_bucket_kl(s, t, k, temperature):

@@ -11,6 +11,8 @@ from kd_jax import parallel
 from kd_jax.train import terms as terms_lib
 from kd_jax.train.state import TrainState
 from kd_jax.train.step import make_train_step
+from tests import _numpy_reference
+from tests._numpy_reference import log_softmax as _np_log_softmax
 from tests.train._toy import ToyNet, toy_batch
 
 
@@ -23,18 +25,12 @@ def _models():
 
 # ----------------------------------------------------------------- independent float64 formulas
 
-def _np_log_softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def _np_ce(logits, labels):
   return -np.mean(_np_log_softmax(logits)[np.arange(len(labels)), labels])
 
 
 def _np_kd(s, t, temp):
-  lt, ls = _np_log_softmax(t / temp), _np_log_softmax(s / temp)
-  return np.mean(np.sum(np.exp(lt) * (lt - ls), -1)) * temp**2
+  return np.mean(_numpy_reference.kd(s, t, temp))
 
 
 def _np_sp(fs, ft):
